@@ -1,0 +1,140 @@
+"""Image I/O and the two shape helpers every part shares (HWC3, resize_image).
+
+All images inside ctrlnet are ``uint8`` numpy arrays laid out ``(H, W, C)`` in RGB order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# Bigger inputs are refused before decoding finishes (a 20000x20000 RGB image is 1.2 GB).
+MAX_PIXELS = 64_000_000
+MIN_SIDE = 8
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says why."""
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Bring bool, 16-bit, float in [0, 1] or other integer images to uint8."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.bool_:
+        return x.astype(np.uint8) * 255
+    if x.dtype == np.uint16:
+        return (x.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise ImageError("image contains NaN or infinite values")
+        return (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if np.issubdtype(x.dtype, np.integer):
+        return np.clip(x, 0, 255).astype(np.uint8)
+    raise ImageError(f"unsupported image dtype {x.dtype}")
+
+
+def HWC3(x: np.ndarray) -> np.ndarray:
+    """Return an (H, W, 3) uint8 image: gray is repeated, RGBA is composited on white."""
+    x = to_uint8(np.asarray(x))
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or x.shape[2] not in (1, 2, 3, 4):
+        raise ImageError(f"expected an image of shape (H, W), (H, W, 1|3|4), got {x.shape}")
+    c = x.shape[2]
+    if c == 3:
+        return x
+    if c == 1:
+        return np.concatenate([x, x, x], axis=2)
+    color = x[:, :, :1].repeat(3, axis=2) if c == 2 else x[:, :, :3]
+    alpha = x[:, :, c - 1 : c].astype(np.float32) / 255.0
+    y = color.astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return y.clip(0, 255).astype(np.uint8)
+
+
+def check_size(h: int, w: int, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse images too small to resize or too large to process safely."""
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ImageError(f"image is {w}x{h} pixels; each side must be at least {MIN_SIDE}")
+    if h * w > max_pixels:
+        raise ImageError(
+            f"image is {w}x{h} = {h * w} pixels, more than the limit of {max_pixels}; downscale it first"
+        )
+
+
+def resize_image(x: np.ndarray, resolution: int) -> np.ndarray:
+    """Scale so the short side is ``resolution``, then round H and W to multiples of 64.
+
+    Lanczos when enlarging, area averaging when shrinking (as the original apps).
+    """
+    h, w = x.shape[:2]
+    check_size(h, w)
+    k = float(resolution) / min(h, w)
+    new_h = max(64, int(np.round(h * k / 64.0)) * 64)
+    new_w = max(64, int(np.round(w * k / 64.0)) * 64)
+    interp = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
+    return cv2.resize(x, (new_w, new_h), interpolation=interp)
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read a path, bytes or file object into an (H, W, 3) RGB uint8 array.
+
+    The header is checked before the pixels are decoded, so a huge image fails fast.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"no image file at {path}")
+        name = str(path)
+        fh = open(path, "rb")
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        name, fh = "<bytes>", io.BytesIO(bytes(source))
+    else:
+        name, fh = getattr(source, "name", "<stream>"), source
+    try:
+        with Image.open(fh) as im:
+            w, h = im.size
+            check_size(h, w, max_pixels)
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im).astype(np.float32)
+                arr = to_uint8(np.clip(arr / (65535.0 if arr.max() > 255 else 255.0), 0, 1))
+            elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                arr = np.asarray(im.convert("RGBA"))
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except ImageError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name} is not a readable image ({e.__class__.__name__}: {e})") from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - check_size usually fires first
+        raise ImageError(f"{name}: {e}") from None
+    finally:
+        if isinstance(source, (str, os.PathLike)):
+            fh.close()
+    return HWC3(arr)
+
+
+def save_image(x: np.ndarray, path, pnginfo: dict[str, str] | None = None) -> Path:
+    """Write an image atomically (temp file + rename); PNG text chunks from ``pnginfo``."""
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    kwargs = {}
+    if fmt == "PNG" and pnginfo:
+        info = PngImagePlugin.PngInfo()
+        for k, v in pnginfo.items():
+            info.add_text(k, v)
+        kwargs["pnginfo"] = info
+    Image.fromarray(HWC3(x)).save(tmp, format=fmt, **kwargs)
+    os.replace(tmp, path)
+    return path
