@@ -1,0 +1,101 @@
+"""ControlNet (``control_model.*``): a trainable copy of the UNet encoder joined by zero convolutions.
+
+``ControlNet(**params)`` takes the ``control_stage_config.params`` of the original yaml files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ctrlnet.models.layers import TimestepEmbedSequential, zero_module
+from ctrlnet.models.unet import Encoder, UNetModel, check_extra_params
+
+# Channels of the hint encoder's convolutions; each stride-2 conv halves the size (3 of them: /8).
+_HINT_CHANNELS = (16, 16, 32, 32, 96, 96, 256)
+_HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
+
+
+class ControlNet(Encoder):
+    """Returns, for a hint image, the residuals the UNet adds: one per input block + the middle."""
+
+    def __init__(self, in_channels: int = 4, hint_channels: int = 3, model_channels: int = 320,
+                 attention_resolutions: Sequence[int] = (4, 2, 1), num_res_blocks: int | Sequence[int] = 2,
+                 channel_mult: Sequence[int] = (1, 2, 4, 4), num_heads: int = -1, num_head_channels: int = -1,
+                 use_spatial_transformer: bool = True, use_linear_in_transformer: bool = False,
+                 transformer_depth: int = 1, context_dim: int | None = 768, legacy: bool = True,
+                 use_checkpoint: bool = False, dropout: float = 0.0, **extra):
+        check_extra_params("ControlNet", extra)
+        params = {k: v for k, v in locals().items() if k not in ("self", "extra", "__class__")}
+        super().__init__(in_channels, model_channels, attention_resolutions, num_res_blocks, channel_mult,
+                         num_heads, num_head_channels, use_spatial_transformer, use_linear_in_transformer,
+                         transformer_depth, context_dim, legacy, use_checkpoint, dropout)
+        self._params = params
+        self.in_channels = in_channels
+        self.hint_channels = hint_channels
+        # input_hint_block: conv, SiLU, conv, SiLU, ... , zero conv (indices 0, 2, ..., 14 hold weights).
+        layers: list[nn.Module] = []
+        prev = hint_channels
+        for ch, stride in zip(_HINT_CHANNELS, _HINT_STRIDES):
+            layers += [nn.Conv2d(prev, ch, 3, padding=1, stride=stride), nn.SiLU()]
+            prev = ch
+        layers.append(zero_module(nn.Conv2d(prev, model_channels, 3, padding=1)))
+        self.input_hint_block = TimestepEmbedSequential(*layers)
+        self.zero_convs = nn.ModuleList([self._zero_conv(c) for c in self.input_block_chans])
+        self.middle_block_out = self._zero_conv(self.out_ch)
+
+    @staticmethod
+    def _zero_conv(channels: int) -> TimestepEmbedSequential:
+        return TimestepEmbedSequential(zero_module(nn.Conv2d(channels, channels, 1)))
+
+    @property
+    def num_control_residuals(self) -> int:
+        return len(self.zero_convs) + 1
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor) -> list[torch.Tensor]:
+        """Residuals for the UNet, in the original order (input blocks 0..N-1, then middle).
+
+        ``x``: noisy latents (B, C, h, w); ``hint``: control image (B, hint_channels, 8h, 8w) in [0, 1].
+        """
+        if hint.shape[-2] != x.shape[-2] * 8 or hint.shape[-1] != x.shape[-1] * 8:
+            raise ValueError(
+                f"hint of size {tuple(hint.shape[-2:])} does not match latents {tuple(x.shape[-2:])} "
+                "(the hint must be 8x the latent size)"
+            )
+        emb = self.embed_time(timesteps, x.dtype)
+        guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)  # (B, C, h, w)
+        outs = []
+        h = x
+        for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = module(h, emb, context)
+            if i == 0:
+                h = h + guided_hint
+            outs.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h, emb, context))
+        return outs
+
+    @classmethod
+    def from_unet(cls, unet: UNetModel, hint_channels: int = 3, **overrides) -> "ControlNet":
+        """A new ControlNet whose encoder copies ``unet``'s weights (``tool_add_control.py``).
+
+        Zero convs and the last hint conv start at zero, so the UNet's output is unchanged.
+        """
+        params = dict(unet.config_params())
+        params.pop("out_channels")
+        params.update(hint_channels=hint_channels, **overrides)
+        net = cls(**params)
+        device = next(unet.parameters()).device
+        dtype = next(unet.parameters()).dtype
+        net.to(device=device, dtype=dtype)
+        own = net.state_dict()
+        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k.startswith(("time_embed.", "input_blocks.", "middle_block."))
+                   and k not in copied]
+        if missing:
+            raise ValueError(f"UNet does not match the ControlNet encoder; missing {missing[:5]}")
+        net.load_state_dict(copied, strict=False)
+        return net
