@@ -1,0 +1,336 @@
+"""The text towers that turn prompts into the UNet's cross-attention context.
+
+- ``kind="clip"`` (SD1): the HF ``CLIPTextModel`` layout. State-dict keys equal the original
+  checkpoint keys with ``cond_stage_model.transformer.`` stripped (``text_model.encoder.layers.0...``).
+- ``kind="openclip"`` (SD2): the open_clip text tower of ``FrozenOpenCLIPEmbedder``. Keys equal the
+  original keys with ``cond_stage_model.model.`` stripped (``transformer.resblocks.0.attn.in_proj_weight``).
+
+Both are pre-LayerNorm causal transformers; ``layer="penultimate"`` runs all but the last block and
+then applies the final LayerNorm (SD2's FrozenOpenCLIPEmbedder, and "CLIP skip 2" for SD1 as in
+A1111/ComfyUI and ControlNet 1.1's anime-lineart model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctrlnet.config import TextEncoderConfig
+from ctrlnet.models.tokenizer import CLIPTokenizer, Pad
+
+# Key suffixes some official checkpoints carry that hold no learned state (transformers <4.31 saved
+# the position_ids buffer). The checkpoint loader may ignore them; we compute positions on the fly.
+HARMLESS_KEYS: tuple[str, ...] = ("text_model.embeddings.position_ids",)
+
+Layer = Literal["last", "penultimate"]
+
+_LN_EPS = 1e-5  # both HF CLIP and open_clip
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation (SD1's text tower)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _act(name: str):
+    acts = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(acts)}")
+    return acts[name]
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head causal self-attention on ``(B, L, C)`` projections; returns ``(B, L, C)``."""
+    b, n, c = q.shape
+    q, k, v = (t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def _check_cfg(cfg: TextEncoderConfig) -> None:
+    if cfg.width % cfg.heads:
+        raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
+    if cfg.layers < 1 or (cfg.layer == "penultimate" and cfg.layers < 2):
+        raise ValueError(f"layer={cfg.layer!r} needs more than {cfg.layers} layer(s)")
+    _act(cfg.act)
+
+
+# --- SD1: HF CLIPTextModel layout ----------------------------------------------------------------
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(_causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = _act(act)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, width: int, heads: int, hidden: int, act: str):
+        super().__init__()
+        self.self_attn = CLIPAttention(width, heads)
+        self.layer_norm1 = nn.LayerNorm(width, eps=_LN_EPS)
+        self.mlp = CLIPMLP(width, hidden, act)
+        self.layer_norm2 = nn.LayerNorm(width, eps=_LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CLIPEncoderLayer(cfg.width, cfg.heads, cfg.width * cfg.mlp_ratio, cfg.act) for _ in range(cfg.layers)
+        )
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # positions are computed, not a buffer: a meta-built model loaded with assign=True keeps no
+        # uninitialised tensors
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return self.token_embedding(ids) + self.position_embedding(pos)
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=_LN_EPS)
+
+
+# --- SD2: open_clip layout -----------------------------------------------------------------------
+
+
+class OpenCLIPAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameter names (packed q/k/v), computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(_causal_attention(q, k, v, self.heads))
+
+
+class OpenCLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = _act(act)
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, hidden: int, act: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=_LN_EPS)
+        self.attn = OpenCLIPAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=_LN_EPS)
+        self.mlp = OpenCLIPMLP(width, hidden, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTransformer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads, cfg.width * cfg.mlp_ratio, cfg.act)
+            for _ in range(cfg.layers)
+        )
+
+
+# --- the encoders --------------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> context ``(B, 77, width)``. Subclasses own the weights under checkpoint names.
+
+    Build with :func:`build_text_encoder`. ``state_dict()`` keys are the original checkpoint keys
+    with the ``cond_stage_model.transformer.`` (SD1) / ``cond_stage_model.model.`` (SD2) prefix
+    stripped; ``.tokenizer`` is a plain attribute and holds no state.
+    """
+
+    pad: Pad = "eos"
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        _check_cfg(cfg)
+        self.cfg = cfg
+        self.tokenizer = CLIPTokenizer(max_length=cfg.max_length)
+
+    # subclasses: embed ids, run blocks, final LN
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def _final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self._final_norm().weight.device
+
+    def encode_ids(self, ids: torch.Tensor, layer: Layer | None = None) -> torch.Tensor:
+        """Context from token ids ``(B, L<=77)`` -> ``(B, L, width)``.
+
+        ``layer`` overrides ``cfg.layer``: ``"last"`` = final LN of the last block's output,
+        ``"penultimate"`` = final LN of the output of all blocks but the last.
+        """
+        layer = self.cfg.layer if layer is None else layer
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        if ids.ndim != 2 or ids.shape[1] > self.cfg.max_length:
+            raise ValueError(f"ids must be (B, L<={self.cfg.max_length}), got {tuple(ids.shape)}")
+        blocks = self._blocks()
+        n = len(blocks) - (1 if layer == "penultimate" else 0)
+        x = self._embed(ids.to(self.device))  # (B, L, C)
+        for block in blocks[:n]:
+            x = block(x)
+        return self._final_norm()(x)
+
+    def forward(self, texts: str | Sequence[str], layer: Layer | None = None) -> torch.Tensor:
+        """Context for prompts: ``(B, 77, width)``; prompts longer than 75 tokens are truncated."""
+        return self.encode_ids(self.tokenizer(texts, pad=self.pad), layer)
+
+    def chunk_ids(self, texts: str | Sequence[str], n_chunks: int = 3, min_chunks: int = 1) -> torch.Tensor:
+        """Long-prompt ids ``(B, k, 77)``: k windows of 75 tokens (see ``CLIPTokenizer.chunks``).
+
+        k is the number needed by the longest prompt, clamped to ``[min_chunks, n_chunks]``;
+        shorter prompts are filled with empty windows (BOS, EOS, padding).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not 1 <= min_chunks <= n_chunks:
+            raise ValueError(f"need 1 <= min_chunks <= n_chunks, got {min_chunks}, {n_chunks}")
+        per_text = [self.tokenizer.chunks(t, n_chunks, pad=self.pad) for t in texts]
+        k = max([min_chunks, *(len(c) for c in per_text)])
+        empty = self.tokenizer.empty_chunk(self.pad)
+        rows = [c + [empty] * (k - len(c)) for c in per_text]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), k, self.cfg.max_length)
+
+    def encode_chunked(
+        self, texts: str | Sequence[str], n_chunks: int = 3, layer: Layer | None = None, min_chunks: int = 1
+    ) -> torch.Tensor:
+        """Context for long prompts: ``(B, 77 * k, width)``, each 77-token window encoded on its own
+        and concatenated along the sequence (A1111; ControlNet 1.1 anime lineart uses
+        ``n_chunks=min_chunks=3``, ``layer="penultimate"``). A prompt of at most 75 tokens gives
+        exactly :meth:`forward`'s result when k = 1.
+        """
+        ids = self.chunk_ids(texts, n_chunks, min_chunks)  # (B, k, 77)
+        b, k, n = ids.shape
+        ctx = self.encode_ids(ids.reshape(b * k, n), layer)  # (B*k, 77, C)
+        return ctx.reshape(b, k * n, ctx.shape[-1])
+
+
+class CLIPTextEncoder(TextEncoder):
+    """SD1 tower (``kind="clip"``): ``text_model.{embeddings,encoder,final_layer_norm}``; pads with EOS."""
+
+    pad: Pad = "eos"
+
+    def __init__(self, cfg: TextEncoderConfig):
+        if cfg.kind != "clip":
+            raise ValueError(f"CLIPTextEncoder needs kind='clip', got {cfg.kind!r}")
+        super().__init__(cfg)
+        self.text_model = CLIPTextTransformer(cfg)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embeddings(ids)
+
+    def _blocks(self) -> Sequence[nn.Module]:
+        return self.text_model.encoder.layers
+
+    def _final_norm(self) -> nn.Module:
+        return self.text_model.final_layer_norm
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """SD2 tower (``kind="openclip"``): open_clip's text half of ``CLIP``; pads with 0.
+
+    ``text_projection`` ``(width, projection_dim)`` and ``logit_scale`` are kept so original
+    checkpoints load with nothing left over; SD does not use them.
+    """
+
+    pad: Pad = "zero"
+
+    def __init__(self, cfg: TextEncoderConfig):
+        if cfg.kind != "openclip":
+            raise ValueError(f"OpenCLIPTextEncoder needs kind='openclip', got {cfg.kind!r}")
+        super().__init__(cfg)
+        proj = cfg.projection_dim or cfg.width  # open_clip's embed_dim; 0 in the config means "width"
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
+        self.transformer = OpenCLIPTransformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=_LN_EPS)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, proj))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # open_clip's initialisation, for randomly built models
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+
+    def _blocks(self) -> Sequence[nn.Module]:
+        return self.transformer.resblocks
+
+    def _final_norm(self) -> nn.Module:
+        return self.ln_final
+
+
+def build_text_encoder(
+    cfg: TextEncoderConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+) -> TextEncoder:
+    """Build the tower for ``cfg.kind`` on ``device`` (default ``meta``: no memory, load weights
+    with ``load_state_dict(sd, assign=True)``); on a real device weights are random."""
+    classes = {"clip": CLIPTextEncoder, "openclip": OpenCLIPTextEncoder}
+    if cfg.kind not in classes:
+        raise ValueError(f"unknown text encoder kind {cfg.kind!r}; expected one of {sorted(classes)}")
+    with torch.device(device):
+        model = classes[cfg.kind](cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
