@@ -176,7 +176,7 @@ TINY_SD1 = ModelConfig(
         model_channels=32, attention_resolutions=(4, 2, 1), channel_mult=(1, 2, 2, 2),
         num_heads=2, context_dim=32, num_res_blocks=1,
     ),
-    vae=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     text=TextEncoderConfig(width=32, layers=2, heads=2),
 )
 
@@ -187,7 +187,7 @@ TINY_SD2 = ModelConfig(
         num_heads=-1, num_head_channels=16, use_linear_in_transformer=True, context_dim=48,
         num_res_blocks=1,
     ),
-    vae=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1),
     text=TextEncoderConfig(
         kind="openclip", width=48, layers=3, heads=3, act="gelu", layer="penultimate",
         projection_dim=48,
