@@ -111,10 +111,10 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 arr = np.asarray(im.convert("RGB"))
     except ImageError as e:
         raise ImageError(f"{name}: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL refuses > 2x its own limit before we see the size
+        raise ImageError(f"{name}: image is too large ({e}); the limit is {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name} is not a readable image ({e.__class__.__name__}: {e})") from None
-    except Image.DecompressionBombError as e:  # pragma: no cover - check_size usually fires first
-        raise ImageError(f"{name}: {e}") from None
     finally:
         if isinstance(source, (str, os.PathLike)):
             fh.close()

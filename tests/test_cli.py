@@ -1,0 +1,52 @@
+"""The ctrlnet command: generate writes PNGs with parameters; errors exit 2 with a message."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ctrlnet.interfaces.cli import main
+
+
+def test_generate_writes_pngs_with_parameters(tmp_path, capsys):
+    img = np.zeros((64, 64, 3), np.uint8)
+    cv2.rectangle(img, (10, 10), (50, 50), (255, 255, 255), 2)
+    cv2.imwrite(str(tmp_path / "in.png"), img)
+    rc = main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--control", str(tmp_path / "in.png"),
+               "--annotator", "canny", "--prompt", "a square", "--steps", "2", "--resolution", "64", "--seed", "7",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "seed: 7" in out
+    png = tmp_path / "out" / "7_0.png"
+    info = Image.open(png).info
+    assert "Seed: 7" in info["parameters"] and info["parameters"].startswith("a square")
+    assert json.loads(info["ctrlnet"])["request"]["steps"] == 2
+    assert (tmp_path / "out" / "7_control0.png").is_file()
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("nope")
+    rc = main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--control", str(tmp_path / "bad.png"),
+               "--steps", "1", "--resolution", "64"])
+    assert rc == 2
+    assert "not a readable image" in capsys.readouterr().err
+    rc = main(["generate", "--base", "random:tiny-sd1", "--steps", "0"])
+    assert rc == 2 and "steps=0" in capsys.readouterr().err
+
+
+def test_annotate_command(tmp_path):
+    img = np.zeros((80, 80, 3), np.uint8)
+    cv2.circle(img, (40, 40), 20, (255, 255, 255), -1)
+    cv2.imwrite(str(tmp_path / "in.png"), img)
+    assert main(["annotate", "canny", str(tmp_path / "in.png"), str(tmp_path / "map.png"), "--param", "low_threshold=50"]) == 0
+    m = cv2.imread(str(tmp_path / "map.png"))
+    assert m.shape == (80, 80, 3) and m.max() == 255
+
+
+def test_console_script_help():
+    r = subprocess.run([sys.executable, "-m", "ctrlnet.interfaces.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "generate" in r.stdout and "annotate" in r.stdout
