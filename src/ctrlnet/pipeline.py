@@ -58,6 +58,7 @@ class ControlSpec:
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool | None = None  # None: the request's guess_mode
+    reference: np.ndarray | None = None  # colour image VAE-encoded as the net's latent_cond (colorize)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class GenerationRequest:
     guess_mode: bool = False
     only_mid_control: bool = False
     clip_skip: int = 1
+    prompt_chunks: int = 1  # at least this many 75-token windows (3: the anime line-art model)
     noise_device: str = "cpu"
 
     def validate(self, max_images: int = 12, max_resolution: int = 2048, max_steps: int = 1000) -> None:
@@ -91,6 +93,7 @@ class GenerationRequest:
             ("eta", 0.0 <= self.eta <= 1.0, "between 0 and 1"),
             ("seed", -1 <= self.seed <= MAX_SEED, f"-1 (random) or between 0 and {MAX_SEED}"),
             ("clip_skip", self.clip_skip in (1, 2), "1 or 2"),
+            ("prompt_chunks", 1 <= self.prompt_chunks <= 3, "between 1 and 3"),
         ]
         for name, ok, rng in checks:
             if not ok:
@@ -105,7 +108,8 @@ class GenerationRequest:
     def to_dict(self) -> dict:
         """JSON-friendly parameters (control images left out)."""
         d = asdict(self)
-        d["controls"] = [{k: v for k, v in asdict(c).items() if k != "image"} for c in self.controls]
+        d["controls"] = [{k: v for k, v in asdict(c).items() if k not in ("image", "reference")}
+                         for c in self.controls]
         return d
 
 
@@ -287,14 +291,23 @@ def _hint_tensor(cmap: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(cmap.copy()).float().div(255.0).permute(2, 0, 1)[None]  # (1, C, H, W) in [0, 1]
 
 
-def _encode_prompts(models: Models, cond: list[str], uncond: list[str], clip_skip: int):
+def _encode_prompts(models: Models, cond: list[str], uncond: list[str], clip_skip: int, min_chunks: int = 1):
     te = models.base.text_encoder
     layer = "penultimate" if clip_skip == 2 else None
-    k = max(te.chunk_ids(cond).shape[1], te.chunk_ids(uncond).shape[1])
+    k = max(min_chunks, te.chunk_ids(cond).shape[1], te.chunk_ids(uncond).shape[1])
     if k == 1:
         return te(cond, layer=layer), te(uncond, layer=layer)
     return (te.encode_chunked(cond, n_chunks=k, min_chunks=k, layer=layer),
             te.encode_chunked(uncond, n_chunks=k, min_chunks=k, layer=layer))
+
+
+def encode_image(models: Models, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 image -> scaled VAE latents (1, C, H/f, W/f) of it resized to ``size`` = (H, W) (posterior mean)."""
+    vae = models.base.vae
+    img = cv2.resize(HWC3(np.asarray(image)), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(img).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    with offload([vae], models.device, models.low_vram), torch.no_grad():
+        return vae.encode_latents(x.to(models.device, next(vae.parameters()).dtype)).float()
 
 
 def decode_images(models: Models, latents: torch.Tensor) -> list[np.ndarray]:
@@ -335,6 +348,7 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
         controls.append(ControlInput(
             net, _hint_tensor(cmap, net.hint_channels).to(dev), spec.strength, spec.start, spec.end,
             req.guess_mode if spec.guess_mode is None else spec.guess_mode,
+            latent_cond=None if spec.reference is None else encode_image(models, spec.reference, size),
         ))
     if size is None:
         r = int(round(req.resolution / 64.0)) * 64
@@ -343,7 +357,8 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
     down = models.base.vae.downscale
     prompt = req.prompt + (", " + req.added_prompt if req.added_prompt else "")
     with offload([models.base.text_encoder], dev, models.low_vram), torch.no_grad():
-        cond, uncond = _encode_prompts(models, [prompt] * n, [req.negative_prompt] * n, req.clip_skip)
+        cond, uncond = _encode_prompts(models, [prompt] * n, [req.negative_prompt] * n, req.clip_skip,
+                                       req.prompt_chunks)
     schedule = models.schedule
     sigmas = get_sigmas(schedule, req.steps, req.schedule)
     gen = torch.Generator(device=req.noise_device).manual_seed(seed)

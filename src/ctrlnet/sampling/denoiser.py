@@ -28,7 +28,9 @@ class ControlInput:
     ``hint``: (B or 1, C, H, W) in [0, 1] at 8x the latent size. ``start``/``end``: the fraction of
     sampling steps during which it acts. ``guess_mode``: the unconditional branch gets no control
     and residuals decay with depth. ``global_average_pooling``: the v1.1 shuffle models' pooled
-    residuals (also applied to the conditional branch only).
+    residuals (also applied to the conditional branch only). ``latent_cond``: (B or 1, C, h, w)
+    latents passed to the net as ``latent_cond=`` with the noisy latent (reference colorization),
+    on both branches like the hint.
     """
 
     net: torch.nn.Module
@@ -38,6 +40,7 @@ class ControlInput:
     end: float = 1.0
     guess_mode: bool = False
     global_average_pooling: bool = False
+    latent_cond: torch.Tensor | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -92,7 +95,12 @@ class Denoiser:
                 raise ValueError(f"hint batch {hint.shape[0]} does not match latent batch {b}")
             if n != hint.shape[0]:
                 hint = torch.cat([hint] * (n // b))
-            res = c.net(z[:n], hint, t[:n], ctx[:n])
+            extra = {}
+            if c.latent_cond is not None:
+                lc = c.latent_cond.to(device=z.device, dtype=self.dtype)
+                lc = lc.expand(b, -1, -1, -1) if lc.shape[0] == 1 else lc
+                extra["latent_cond"] = torch.cat([lc] * (n // b)) if n != b else lc
+            res = c.net(z[:n], hint, t[:n], ctx[:n], **extra)
             scales = control_scales(c.strength, c.guess_mode, len(res))
             out = []
             for r, s in zip(res, scales):

@@ -1,0 +1,154 @@
+"""The reference colorization ControlNet: grayscale target through the hint encoder, colour
+reference as VAE latents concatenated with the noisy latent at the network's input.
+
+It is a :class:`~ctrlnet.models.controlnet.ControlNet` whose first convolution
+(``input_blocks.0.0``) takes ``latent + reference`` channels (4 + 4 for SD). The state-dict keys
+are the original ``control_model.*`` layout; only ``input_blocks.0.0.weight`` is wider. A fresh
+model copies the UNet encoder and starts the extra input weights at zero, so (with the zero
+convolutions) it leaves Stable Diffusion's output unchanged.
+
+Two ways to give the reference latent:
+
+- ``forward(x, hint, t, context, latent_cond=ref)``: sampling (``ControlInput.latent_cond``).
+- a *packed hint* ``(B, hint_channels + ref_channels, H, W)`` whose last channels hold the
+  reference latent repeated over each 8x8 pixel cell (:func:`pack_hint`): the unmodified training
+  loop passes one ``hint`` tensor, so training data sets give the reference this way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config import ModelConfig
+from ctrlnet.models.controlnet import ControlNet
+from ctrlnet.models.unet import UNetModel
+
+FIRST_CONV = "input_blocks.0.0.weight"
+KIND_KEY = "ctrlnet_colorize"  # safetensors metadata: the model kind ("reference")
+
+
+def pack_hint(hint: torch.Tensor, ref_latent: torch.Tensor) -> torch.Tensor:
+    """``hint`` (B, C, H, W) and ``ref_latent`` (B, R, H/f, W/f) -> (B, C + R, H, W): the latent is
+    repeated over each f x f cell (nearest upsampling), so :func:`unpack_hint` recovers it exactly."""
+    f = hint.shape[-1] // ref_latent.shape[-1]
+    if hint.shape[-2] != ref_latent.shape[-2] * f or hint.shape[-1] != ref_latent.shape[-1] * f:
+        raise ValueError(f"hint {tuple(hint.shape[-2:])} is not a multiple of the latent {tuple(ref_latent.shape[-2:])}")
+    up = ref_latent.to(hint.dtype).repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+    return torch.cat([hint, up], dim=1)
+
+
+def unpack_hint(packed: torch.Tensor, hint_channels: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_hint`: (hint (B, C, H, W), reference latent (B, R, H/f, W/f))."""
+    return packed[:, :hint_channels], packed[:, hint_channels:, ::factor, ::factor]
+
+
+class ReferenceControlNet(ControlNet):
+    """ControlNet with ``ref_channels`` extra input channels for a reference latent.
+
+    ``in_channels`` is the latent width (4); the first conv takes ``in_channels + ref_channels``.
+    """
+
+    def __init__(self, in_channels: int = 4, ref_channels: int = 4, **params):
+        super().__init__(in_channels=in_channels + ref_channels, **params)
+        self.latent_channels = in_channels
+        self.ref_channels = ref_channels
+        self._params["in_channels"] = in_channels
+        self._params["ref_channels"] = ref_channels
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                latent_cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Residuals for the UNet. ``x``: (B, 4, h, w); ``latent_cond``: (B, ref_channels, h, w)
+        scaled reference latents, or None when ``hint`` is packed (see :func:`pack_hint`)."""
+        if latent_cond is None:
+            if hint.shape[1] != self.hint_channels + self.ref_channels:
+                raise ValueError(
+                    f"the reference ControlNet needs latent_cond or a packed hint of "
+                    f"{self.hint_channels}+{self.ref_channels} channels; got a hint of {hint.shape[1]}")
+            hint, latent_cond = unpack_hint(hint, self.hint_channels, hint.shape[-1] // x.shape[-1])
+        if latent_cond.shape[0] != x.shape[0] or latent_cond.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"latent_cond {tuple(latent_cond.shape)} does not match latents {tuple(x.shape)}")
+        x = torch.cat([x, latent_cond.to(x.dtype)], dim=1)  # (B, 4 + R, h, w)
+        return super().forward(x, hint, timesteps, context)
+
+    @classmethod
+    def from_unet(cls, unet: UNetModel, hint_channels: int = 3, ref_channels: int = 4) -> "ReferenceControlNet":
+        """A new model: the UNet encoder copied, the extra input weights and the zero convs at zero."""
+        params = dict(unet.config_params())
+        params.pop("out_channels")
+        net = cls(ref_channels=ref_channels, hint_channels=hint_channels, **params)
+        p = next(unet.parameters())
+        net.to(device=p.device, dtype=p.dtype)
+        src = unet.state_dict()
+        own = net.state_dict()
+        copied = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        first = src[FIRST_CONV]  # (C, 4, 3, 3)
+        wide = torch.zeros_like(own[FIRST_CONV])
+        wide[:, : first.shape[1]] = first  # new reference channels start at zero
+        copied[FIRST_CONV] = wide
+        missing = [k for k in own if k.startswith(("time_embed.", "input_blocks.", "middle_block."))
+                   and k not in copied]
+        if missing:
+            raise ValueError(f"UNet does not match the ControlNet encoder; missing {missing[:5]}")
+        net.load_state_dict(copied, strict=False)
+        return net
+
+
+def build_from_state_dict(sd: dict[str, torch.Tensor], base: ModelConfig) -> ReferenceControlNet:
+    """A :class:`ReferenceControlNet` shaped for ``sd`` (our ``control_model.*`` layout, no
+    prefix) on a ``base`` architecture, loaded strictly (a partial load raises, naming keys)."""
+    if FIRST_CONV not in sd or "input_hint_block.0.weight" not in sd:
+        raise ValueError(f"not a ControlNet state dict (no {FIRST_CONV} / input_hint_block.0.weight)")
+    in_total = sd[FIRST_CONV].shape[1]
+    latent = base.unet.in_channels
+    if in_total <= latent:
+        raise ValueError(f"{FIRST_CONV} takes {in_total} channels: a plain ControlNet, not a reference "
+                         f"colorizer (which takes more than the {latent} latent channels)")
+    params = base.unet.kwargs()
+    params.pop("out_channels")
+    params.update(in_channels=latent, ref_channels=in_total - latent,
+                  hint_channels=sd["input_hint_block.0.weight"].shape[1])
+    with torch.device("meta"):
+        net = ReferenceControlNet(**params)
+    missing, unexpected = net.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"reference ControlNet: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for k, v in sd.items():
+        if net.state_dict()[k].shape != v.shape:
+            raise ValueError(f"reference ControlNet: {k} has shape {tuple(v.shape)}")
+    return net.float().eval()
+
+
+def load_reference_controlnet(path, base: ModelConfig | None = None) -> ReferenceControlNet:
+    """Load a reference colorizer from one of our safetensors files (``control_model.*`` keys).
+
+    ``base`` gives the architecture; by default the ``ctrlnet_config`` stored in the file.
+    """
+    from safetensors.torch import load_file
+
+    from ctrlnet.checkpoints.save import PREFIXES, read_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no colorizer at {path}")
+    config = base or read_config(path)
+    if config is None:
+        raise ValueError(f"{path} stores no model config; pass the base it was trained on")
+    prefix = PREFIXES["controlnet"]
+    sd = {k[len(prefix):]: v.float() for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"{path} holds no {prefix}* weights")
+    try:
+        return build_from_state_dict(sd, config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def save_reference_controlnet(net: ReferenceControlNet, path, config: ModelConfig,
+                              dtype: torch.dtype | None = None) -> Path:
+    """Write ``control_model.*`` with the base config and the model kind in the metadata."""
+    from ctrlnet.checkpoints.save import PREFIXES, save_model_file
+
+    return save_model_file(path, {PREFIXES["controlnet"]: net.state_dict()}, config,
+                           {KIND_KEY: "reference"}, dtype=dtype)
