@@ -81,6 +81,7 @@ def test_ddim_timesteps_are_the_originals():
     assert ddim_timesteps(20)[:3].tolist() == [1, 51, 101]
     assert len(ddim_timesteps(20)) == 20
     assert len(ddim_timesteps(30)) == 31  # the original's quirk, kept for parity
+    assert ddim_timesteps(3).tolist() == [1, 334, 667]  # the original would index step 1000 and crash
     with pytest.raises(ValueError, match="steps"):
         ddim_timesteps(0)
 

@@ -164,9 +164,11 @@ def random_base(preset: str, seed: int = 0) -> BaseModels:
     """Random-weight models of a preset's architecture (for tests and smoke runs; images are noise)."""
     cfg = get_preset(preset)
     g = torch.Generator().manual_seed(seed)
-    unet = UNetModel(**cfg.unet.kwargs())
-    vae = AutoencoderKL(**cfg.vae.kwargs())
-    text = build_text_encoder(cfg.text, device="cpu")
+    with torch.random.fork_rng(devices=[]):  # default inits (biases) must not depend on global state
+        torch.manual_seed(seed)
+        unet = UNetModel(**cfg.unet.kwargs())
+        vae = AutoencoderKL(**cfg.vae.kwargs())
+        text = build_text_encoder(cfg.text, device="cpu")
     for m in (unet, vae, text):
         with torch.no_grad():
             for p in m.parameters():
@@ -180,8 +182,11 @@ def random_controlnet(unet: UNetModel, name: str) -> ControlNet:
     """A ControlNet copied from ``unet`` whose zero convs are random (so it acts), seeded by name."""
     import zlib
 
-    net = ControlNet.from_unet(unet).eval()
-    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    seed = zlib.crc32(name.encode())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNet.from_unet(unet).eval()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for k, p in net.named_parameters():
             if k.startswith(("zero_convs.", "middle_block_out.", "input_hint_block.14.")):

@@ -61,7 +61,10 @@ def ddim_timesteps(steps: int, num_timesteps: int = 1000) -> np.ndarray:
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
     c = num_timesteps // steps
-    return np.asarray(list(range(0, num_timesteps, c))) + 1
+    ts = np.asarray(list(range(0, num_timesteps, c))) + 1
+    # The original indexes alphas_cumprod[T] and crashes when T - 1 is a multiple of c (3, 9, 27,
+    # 37 ... steps); that step does not exist, so it is dropped.
+    return ts[ts < num_timesteps]
 
 
 def ddim_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
