@@ -162,11 +162,11 @@ SD21_V = SD21.with_(name="sd21-v", schedule=ScheduleConfig(parameterization="v")
 DEMO = ModelConfig(
     name="demo",
     unet=UNetConfig(
-        model_channels=64, attention_resolutions=(4, 2), channel_mult=(1, 2, 2, 4),
-        num_heads=4, context_dim=256, num_res_blocks=1,
+        model_channels=64, attention_resolutions=(4, 2), channel_mult=(1, 1, 2, 2),
+        num_heads=4, context_dim=64, num_res_blocks=1,
     ),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1),
-    text=TextEncoderConfig(width=256, layers=4, heads=4),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, resolution=128),
+    text=TextEncoderConfig(width=64, layers=3, heads=4),
 )
 
 # Tiny random configs of the real layouts, for tests.

@@ -1,0 +1,302 @@
+"""The recipe of the embedded default model: fill50k-style data -> VAE -> latent-diffusion base
+-> ControlNet on the frozen base, all from scratch on a CPU, resumable at any point.
+
+    python -m ctrlnet.training.demo build runs/demo --resume
+    python -m ctrlnet.training.demo ship runs/demo src/ctrlnet/assets/demo
+
+Each stage keeps its own run folder with checkpoints; a finished stage writes ``DONE.json`` and
+is skipped on ``--resume``; an unfinished one continues from its newest checkpoint, so a killed
+process loses at most ``checkpoint_every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ctrlnet.config import DEMO, ModelConfig
+from ctrlnet.training.builders import make_fill50k, read_jsonl
+from ctrlnet.training.data import LatentDataset, collate, prompt_json_dataset
+from ctrlnet.training.loop import TrainConfig, export_result, train
+from ctrlnet.training.models import TrainModels, build_models, load_model_file
+
+BASE_FILE = "demo_base.safetensors"
+CONTROL_FILE = "demo_control_fill50k.safetensors"
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Sizes and schedules of the demo build (about 2-3 CPU-hours on one thread)."""
+
+    n_train: int = 4000
+    n_heldout: int = 50
+    size: int = 128
+    seed: int = 0
+    vae_steps: int = 1500
+    vae_batch: int = 8
+    vae_lr: float = 5e-4
+    vae_crop: int = 64
+    vae_kl: float = 1e-6
+    base_steps: int = 5000
+    base_batch: int = 32
+    base_lr: float = 3e-4
+    base_prompt_dropout: float = 0.1
+    base_ema: float = 0.999
+    cn_steps: int = 3000
+    cn_batch: int = 16
+    cn_lr: float = 1e-4
+    cn_prompt_dropout: float = 0.5
+    cn_ema: float = 0.99
+    checkpoint_every: int = 100
+    sample_every: int = 500
+    threads: int = 1
+
+    def quick(self) -> "DemoRecipe":
+        """A minutes-long smoke version of the same recipe."""
+        return replace(self, n_train=64, n_heldout=8, vae_steps=4, base_steps=4, cn_steps=4, vae_batch=2,
+                       base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
+
+
+def _done(stage_dir: Path) -> dict | None:
+    f = stage_dir / "DONE.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _mark_done(stage_dir: Path, info: dict) -> None:
+    tmp = stage_dir / ".DONE.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, stage_dir / "DONE.json")
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_data(out: Path, r: DemoRecipe) -> tuple[Path, Path]:
+    train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
+    if not (train_dir / "prompt.json").is_file():
+        _log(f"writing {r.n_train} training examples at {r.size}px")
+        make_fill50k(train_dir, r.n_train, r.size, seed=r.seed)
+    if not (held_dir / "prompt.json").is_file():
+        make_fill50k(held_dir, r.n_heldout, r.size, seed=r.seed + 100_003)
+    return train_dir, held_dir
+
+
+def preview_batch(held_dir: Path, n: int = 4) -> dict:
+    ds = prompt_json_dataset(held_dir, random_crop=False)
+    return collate([ds[i] for i in range(min(n, len(ds)))])
+
+
+@torch.no_grad()
+def latent_scale(models: TrainModels, data_dir: Path, n: int = 256) -> float:
+    """1 / std of the VAE's latents, as LDM sets ``scale_factor`` (unit-variance latents)."""
+    ds = prompt_json_dataset(data_dir, random_crop=False)
+    xs = collate([ds[i] for i in range(min(n, len(ds)))])["jpg"].permute(0, 3, 1, 2)
+    z = torch.cat([models.vae.encode(xs[i:i + 32]).sample(torch.Generator().manual_seed(i))
+                   for i in range(0, len(xs), 32)])
+    return float(1.0 / z.flatten().std())
+
+
+def stage_vae(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, config: ModelConfig,
+              resume: bool) -> Path:
+    sdir = out / "vae"
+    target = sdir / "vae.safetensors"
+    if _done(sdir) and target.is_file():
+        return target
+    models = build_models(config, seed=r.seed)
+    models.unet = None  # the VAE stage needs only the VAE; the text tower is built for the file
+    ds = prompt_json_dataset(train_dir, crop_size=r.vae_crop)
+    cfg = TrainConfig(mode="vae", steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, kl_weight=r.vae_kl,
+                      warmup_steps=50, lr_decay="cosine", checkpoint_every=r.checkpoint_every, keep_last=2,
+                      sample_every=r.sample_every, seed=r.seed, cpu=True)
+    _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {r.vae_crop}px crops")
+    res = train(models, ds, cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
+    if res.step < cfg.steps:
+        raise SystemExit(f"VAE stage stopped at step {res.step}; rerun with --resume")
+    models.vae.eval()
+    scale = latent_scale(models, train_dir)
+    config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
+    models.config = config
+    models.vae.scale_factor = config.vae.scale_factor
+    from ctrlnet.checkpoints.save import save_model_file
+
+    save_model_file(target, {"first_stage_model.": models.vae.state_dict()}, config)
+    _mark_done(sdir, {"step": res.step, "loss": res.last_loss, "scale_factor": config.vae.scale_factor})
+    _log(f"VAE done: loss {res.last_loss:.4f}, scale_factor {config.vae.scale_factor}")
+    return target
+
+
+def _load_vae(path: Path):
+    from safetensors.torch import load_file
+
+    from ctrlnet.checkpoints.save import read_config
+    from ctrlnet.models.vae import AutoencoderKL
+
+    config = read_config(path)
+    vae = AutoencoderKL(**config.vae.kwargs())
+    sd = load_file(str(path))
+    vae.load_state_dict({k[len("first_stage_model."):]: v for k, v in sd.items()}, strict=True)
+    return config, vae.eval()
+
+
+@torch.no_grad()
+def stage_cache(out: Path, train_dir: Path, vae_file: Path) -> Path:
+    """Encode every training target once: moments, gray hints and prompts in one file."""
+    cache = out / "latents.pt"
+    if cache.is_file():
+        return cache
+    _, vae = _load_vae(vae_file)
+    ds = prompt_json_dataset(train_dir, random_crop=False)
+    moments, hints, prompts = [], [], []
+    _log(f"encoding {len(ds)} targets")
+    for i in range(0, len(ds), 64):
+        b = collate([ds[j] for j in range(i, min(i + 64, len(ds)))])
+        moments.append(vae.quant_conv(vae.encoder(b["jpg"].permute(0, 3, 1, 2))).half())
+        hints.append((b["hint"][..., 0] * 255).round().to(torch.uint8))  # the hint is gray
+        prompts += b["txt"]
+    from ctrlnet.training.state import atomic_torch_save
+
+    atomic_torch_save({"moments": torch.cat(moments), "hints": torch.cat(hints), "prompts": prompts}, cache)
+    return cache
+
+
+def _latent_dataset(cache: Path) -> LatentDataset:
+    c = torch.load(cache, map_location="cpu")
+    return LatentDataset(c["moments"], c["hints"], c["prompts"])
+
+
+def stage_base(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, vae_file: Path, resume: bool) -> Path:
+    sdir = out / "base"
+    target = sdir / BASE_FILE
+    if _done(sdir) and target.is_file():
+        return target
+    config, vae = _load_vae(vae_file)
+    models = build_models(config, seed=r.seed + 1)
+    models.vae = vae
+    cfg = TrainConfig(mode="base", steps=r.base_steps, batch_size=r.base_batch, lr=r.base_lr, warmup_steps=200,
+                      lr_decay="cosine", prompt_dropout=r.base_prompt_dropout, ema_decay=r.base_ema,
+                      max_grad_norm=1.0, checkpoint_every=r.checkpoint_every, keep_last=2,
+                      sample_every=r.sample_every, seed=r.seed + 1, cpu=True)
+    _log(f"base: {cfg.steps} steps of batch {cfg.batch_size}")
+    res = train(models, _latent_dataset(cache), cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
+    if res.step < cfg.steps:
+        raise SystemExit(f"base stage stopped at step {res.step}; rerun with --resume")
+    export_result(models, cfg, target, use_ema=True, checkpoint=res.checkpoint)
+    _mark_done(sdir, {"step": res.step, "loss": res.last_loss})
+    _log(f"base done: loss {res.last_loss:.4f}")
+    return target
+
+
+def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base_file: Path, resume: bool) -> Path:
+    sdir = out / "controlnet"
+    target = sdir / CONTROL_FILE
+    if _done(sdir) and target.is_file():
+        return target
+    models = load_model_file(base_file, with_controlnet=True)
+    cfg = TrainConfig(mode="controlnet", steps=r.cn_steps, batch_size=r.cn_batch, lr=r.cn_lr, warmup_steps=0,
+                      prompt_dropout=r.cn_prompt_dropout, ema_decay=r.cn_ema, sd_locked=True,
+                      checkpoint_every=r.checkpoint_every, keep_last=2, sample_every=r.sample_every,
+                      seed=r.seed + 2, cpu=True)
+    _log(f"ControlNet: {cfg.steps} steps of batch {cfg.batch_size}")
+    res = train(models, _latent_dataset(cache), cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
+    if res.step < cfg.steps:
+        raise SystemExit(f"ControlNet stage stopped at step {res.step}; rerun with --resume")
+    export_result(models, cfg, target, use_ema=True, checkpoint=res.checkpoint)
+    _mark_done(sdir, {"step": res.step, "loss": res.last_loss})
+    _log(f"ControlNet done: loss {res.last_loss:.4f}")
+    return target
+
+
+def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: ModelConfig = DEMO,
+          until: str | None = None) -> dict[str, Path]:
+    """Run (or continue) every stage; returns the files made. ``until`` stops after that stage."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    rfile = out / "recipe.json"
+    if rfile.is_file():
+        stored = json.loads(rfile.read_text())
+        if stored != asdict(recipe):
+            _log(f"note: recipe differs from the one stored in {rfile}; continuing with the new one")
+    rfile.write_text(json.dumps(asdict(recipe), indent=1))
+    t0 = time.time()
+    files: dict[str, Path] = {}
+    train_dir, held_dir = stage_data(out, recipe)
+    if until == "data":
+        return files
+    files["vae"] = stage_vae(out, recipe, train_dir, held_dir, config, resume)
+    if until == "vae":
+        return files
+    cache = stage_cache(out, train_dir, files["vae"])
+    files["base"] = stage_base(out, recipe, cache, held_dir, files["vae"], resume)
+    if until == "base":
+        return files
+    files["controlnet"] = stage_controlnet(out, recipe, cache, held_dir, files["base"], resume)
+    _log(f"build finished in {time.time() - t0:.0f} s this session")
+    return files
+
+
+def ship(out, dest) -> list[Path]:
+    """Copy the finished base and ControlNet as fp16 safetensors into ``dest`` (the package assets)."""
+    from safetensors.torch import load_file
+
+    from ctrlnet.checkpoints.save import CONFIG_KEY, read_config, save_model_file
+
+    out, dest = Path(out), Path(dest)
+    written = []
+    for src in (out / "base" / BASE_FILE, out / "controlnet" / CONTROL_FILE):
+        if not src.is_file():
+            raise SystemExit(f"{src} is missing; finish the build first")
+        sd = load_file(str(src))
+        prefixes = sorted({k.split(".")[0] + "." for k in sd})
+        groups = {}
+        for k, v in sd.items():
+            for p in ("model.diffusion_model.", "control_model.", "first_stage_model.",
+                      "cond_stage_model.transformer."):
+                if k.startswith(p):
+                    groups.setdefault(p, {})[k[len(p):]] = v
+                    break
+            else:
+                raise ValueError(f"{src}: unexpected key {k} (prefixes {prefixes})")
+        meta = {"source": "ctrlnet.training.demo", "built": time.strftime("%Y-%m-%d")}
+        written.append(save_model_file(dest / src.name, groups, read_config(src), meta, dtype=torch.float16))
+    total = sum(p.stat().st_size for p in written)
+    _log(f"shipped {[str(p) for p in written]}: {total / 2**20:.1f} MiB ({CONFIG_KEY} kept)")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctrlnet.training.demo", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or continue) the demo model from scratch")
+    b.add_argument("out", help="work folder (data, checkpoints, logs)")
+    b.add_argument("--resume", action="store_true", help="continue a build in OUT")
+    b.add_argument("--quick", action="store_true", help="a minutes-long smoke run of the recipe")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
+    b.add_argument("--until", choices=["data", "vae", "base", "controlnet"], default=None)
+    s = sub.add_parser("ship", help="write the finished model as fp16 files into the package assets")
+    s.add_argument("out")
+    s.add_argument("dest", nargs="?", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo"))
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        recipe = DemoRecipe(threads=args.threads)
+        if args.quick:
+            recipe = recipe.quick()
+        build(args.out, recipe, resume=args.resume, until=args.until)
+    else:
+        ship(args.out, args.dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
