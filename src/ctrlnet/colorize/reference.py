@@ -1,0 +1,113 @@
+"""Reference-based colorization of one grayscale image, through :func:`ctrlnet.pipeline.generate`.
+
+The gray image (Lab lightness) is the hint; the colour reference is VAE-encoded by the pipeline
+(``ControlSpec.reference``) and reaches the :class:`ReferenceControlNet` as ``latent_cond``. The
+result keeps the input's lightness exactly (:func:`~ctrlnet.colorize.lab.merge_luminance`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ctrlnet.colorize.lab import merge_luminance, to_gray
+from ctrlnet.colorize.reference_model import ReferenceControlNet, load_reference_controlnet
+from ctrlnet.image import HWC3
+from ctrlnet.pipeline import ControlSpec, GenerationRequest, Models, demo_dir, generate, load_models
+
+COLORIZER_FILE = "colorize_reference.safetensors"  # shipped next to the demo base
+COLORIZER = "colorizer"  # its key in Models.controlnets
+
+
+@dataclass
+class ColorizeOptions:
+    """Sampling settings. Guidance 1 (no classifier-free guidance): the colorizer is steered by
+    the reference, not by a prompt, and one branch halves the cost."""
+
+    prompt: str = ""
+    resolution: int | None = None  # short side; None: the model's native size
+    steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 0  # one seed for every frame of a video: steadier colours
+    strength: float = 1.0
+    sampler: str = "ddim"
+    keep_luminance: bool = True
+
+
+def native_resolution(models: Models) -> int:
+    """The size the base model was trained at (128 for the demo model, else 512)."""
+    if "resolution" in models.defaults:
+        return int(models.defaults["resolution"])
+    return 128 if models.config.name == "demo" else 512
+
+
+def default_colorizer() -> Path:
+    return demo_dir() / COLORIZER_FILE
+
+
+def random_colorizer(models: Models, seed: str = "colorizer") -> ReferenceControlNet:
+    """A reference ControlNet on ``models``' UNet with random zero convs and reference weights
+    (so it acts); for tests and smoke runs."""
+    net = ReferenceControlNet.from_unet(models.base.unet)
+    g = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            if k.startswith(("zero_convs.", "middle_block_out.", "input_hint_block.14.")):
+                p.normal_(0, 0.05, generator=g)
+        w = net.input_blocks[0][0].weight
+        w[:, net.latent_channels:].normal_(0, 0.05, generator=g)
+    return net.eval()
+
+
+def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models:
+    """Load the reference colorizer into ``models.controlnets["colorizer"]`` (on their device).
+
+    ``colorizer``: a file we wrote, ``None`` for the shipped one, or ``"random"``.
+    """
+    if colorizer == "random":
+        net = random_colorizer(models)
+    else:
+        path = Path(colorizer) if colorizer is not None else default_colorizer()
+        if colorizer is None and not path.is_file():
+            raise FileNotFoundError(
+                f"the shipped colorizer is not built yet ({path} is missing); train it with "
+                "`python -m ctrlnet.colorize.recipe build runs/colorize --resume`, or pass --colorizer PATH")
+        net = load_reference_controlnet(path, base=models.config)
+    models.controlnets[COLORIZER] = net.to(device=models.device, dtype=models.dtype).eval()
+    return models
+
+
+def load_colorizer_models(base: str | None = None, colorizer: str | Path | None = None, device="auto",
+                          dtype="auto", low_vram: bool = False) -> Models:
+    """The base model (default: the embedded demo) plus the reference colorizer."""
+    models = load_models(base, controlnets={}, device=device, dtype=dtype, low_vram=low_vram)
+    models.controlnets.clear()  # the demo's own ControlNet is not used here
+    return add_colorizer(models, colorizer)
+
+
+def colorize_image(models: Models, gray: np.ndarray, reference: np.ndarray,
+                   options: ColorizeOptions = ColorizeOptions(), progress=None) -> np.ndarray:
+    """Colour ``gray`` (any RGB/gray uint8; only its lightness is used) after ``reference``.
+
+    Returns (H, W, 3) uint8 at ``gray``'s size; with ``keep_luminance`` its Lab lightness equals
+    the input's within one level.
+    """
+    src = HWC3(np.asarray(gray))
+    hint = to_gray(src)  # (H, W, 3): the lightness as a gray image, as in training
+    h, w = src.shape[:2]
+    req = GenerationRequest(
+        prompt=options.prompt, added_prompt="", negative_prompt="",
+        controls=[ControlSpec(image=hint, model=COLORIZER, reference=np.asarray(reference),
+                              strength=options.strength)],
+        resolution=options.resolution or native_resolution(models), steps=options.steps,
+        guidance_scale=options.guidance_scale, seed=options.seed, sampler=options.sampler,
+    )
+    out = generate(models, req, progress=progress).images[0]
+    if options.keep_luminance:
+        return merge_luminance(out, src)
+    return cv2.resize(out, (w, h), interpolation=cv2.INTER_CUBIC)

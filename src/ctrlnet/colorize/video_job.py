@@ -1,0 +1,103 @@
+"""Colorize a grayscale video after a colour reference, resumably.
+
+Modes: ``fixed`` colours every frame after the given reference; ``recursive`` colours frame 0
+after the reference and each later frame after the previous result (follows changes in the shot,
+but errors can accumulate). Finished frames are PNGs in a work folder next to the output
+(``OUT.work/``, with ``job.json`` describing the job); a rerun skips them, so an interrupted job
+continues where it stopped. When all frames exist they are encoded at the source's frame rate
+and size, and the work folder is removed unless ``keep_frames``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ctrlnet.colorize.reference import ColorizeOptions, colorize_image
+from ctrlnet.colorize.video import probe, read_frames, write_video
+from ctrlnet.image import HWC3, load_image, save_image
+from ctrlnet.pipeline import Models
+
+MODES = ("fixed", "recursive")
+
+
+def work_dir_for(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+def _job(input_path: Path, reference: np.ndarray, mode: str, options: ColorizeOptions, model: str) -> dict:
+    st = input_path.stat()
+    return {"input": str(input_path.resolve()), "input_bytes": st.st_size, "mode": mode, "model": model,
+            "reference_sha1": hashlib.sha1(np.ascontiguousarray(reference).tobytes()).hexdigest(),
+            "options": asdict(options)}
+
+
+def _atomic_png(img: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_image(img, tmp)
+    os.replace(tmp, path)
+
+
+def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode: str = "fixed",
+                   options: ColorizeOptions = ColorizeOptions(), work_dir=None, keep_frames: bool = False,
+                   restart: bool = False, progress: bool = True, model_name: str = "") -> Path:
+    """Colour every frame of ``input_path`` and write ``out``; returns ``out``.
+
+    Raises ValueError when ``work_dir`` holds frames of a different job (another input,
+    reference, mode or settings) unless ``restart``, which discards them.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    input_path, out = Path(input_path), Path(out)
+    info = probe(input_path)
+    reference = HWC3(np.asarray(reference))
+    work = Path(work_dir) if work_dir is not None else work_dir_for(out)
+    frames_dir = work / "frames"
+    job = _job(input_path, reference, mode, options, model_name)
+    job_file = work / "job.json"
+    if job_file.is_file() and not restart:
+        old = json.loads(job_file.read_text())
+        if old != job:
+            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+            raise ValueError(f"{work} holds frames of another job (differs in {', '.join(diff)}); "
+                             "pass --restart to discard them, or choose another output")
+    elif restart and work.exists():
+        shutil.rmtree(work)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps(job, indent=1))
+
+    bar = tqdm(total=info.frames or None, desc=f"colorize ({mode})", unit="frame", disable=not progress)
+    prev = reference
+    n = done_before = 0
+    for i, frame in enumerate(read_frames(input_path)):
+        path = frames_dir / f"{i:06d}.png"
+        if path.is_file():
+            done_before += 1
+            if mode == "recursive":
+                prev = load_image(path)  # the next frame follows this one
+        else:
+            ref = reference if mode == "fixed" else prev
+            result = colorize_image(models, frame, ref, options)
+            _atomic_png(result, path)
+            prev = result
+        n = i + 1
+        bar.update(1)
+    bar.close()
+    if n == 0:
+        raise ValueError(f"{input_path} has no frames")
+    if progress and done_before:
+        print(f"resumed: {done_before} of {n} frames were already done", flush=True)
+    write_video((load_image(frames_dir / f"{i:06d}.png") for i in range(n)), out, info.fps,
+                (info.width, info.height))
+    if not keep_frames:
+        shutil.rmtree(work)
+    return out

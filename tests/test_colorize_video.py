@@ -1,0 +1,118 @@
+"""Image and video colorization end to end on tiny random models: fixed and recursive modes write
+a playable video of the right frame count, rate and size; resuming redoes only missing frames;
+the CLI builders parse and run."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip("av")
+
+from ctrlnet.colorize import video_job  # noqa: E402
+from ctrlnet.colorize.lab import lightness  # noqa: E402
+from ctrlnet.colorize.reference import ColorizeOptions, colorize_image, load_colorizer_models  # noqa: E402
+from ctrlnet.colorize.synthetic import synthetic_clip  # noqa: E402
+from ctrlnet.colorize.video import count_frames, probe, write_video  # noqa: E402
+
+OPTS = ColorizeOptions(resolution=64, steps=1, seed=3)
+N = 3  # frames
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_colorizer_models("random:tiny-sd1", "random", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    frames = [f[:, :90] for f in synthetic_clip(N, 96, seed=11)]  # 90x96: not square
+    path = tmp_path_factory.mktemp("clip") / "gray.mp4"
+    write_video(frames, path, 15)
+    return path, frames
+
+
+def test_colorize_image_keeps_size_and_lightness(models, clip):
+    _, frames = clip
+    out = colorize_image(models, frames[1], frames[0], OPTS)
+    assert out.shape == frames[1].shape and out.dtype == np.uint8
+    assert np.abs(lightness(out).astype(int) - lightness(frames[1]).astype(int)).max() <= 1
+    other = colorize_image(models, frames[1], frames[0][..., ::-1].copy(), OPTS)
+    assert not np.array_equal(out, other)  # the reference matters
+
+
+@pytest.mark.parametrize("mode", ["fixed", "recursive"])
+def test_video_modes_write_playable_file(models, clip, tmp_path, mode, monkeypatch):
+    path, frames = clip
+    refs = []
+    real = video_job.colorize_image
+
+    def spy(m, frame, ref, options):
+        refs.append(ref.copy())
+        return real(m, frame, ref, options)
+
+    monkeypatch.setattr(video_job, "colorize_image", spy)
+    out = tmp_path / f"{mode}.mp4"
+    video_job.colorize_video(models, path, frames[0], out, mode, OPTS, keep_frames=True, progress=False)
+    info = probe(out)
+    assert count_frames(out) == N
+    assert (info.width, info.height, info.fps) == (90, 96, 15)
+    work = video_job.work_dir_for(out) / "frames"
+    done = sorted(work.glob("*.png"))
+    assert len(done) == N and len(refs) == N
+    from ctrlnet.image import load_image
+
+    results = [load_image(p) for p in done]
+    assert np.array_equal(refs[0], frames[0])
+    if mode == "fixed":
+        assert all(np.array_equal(r, frames[0]) for r in refs)
+    else:  # each frame after the previous result
+        assert all(np.array_equal(refs[i], results[i - 1]) for i in range(1, N))
+
+
+def test_video_resume_redoes_only_missing_frames(models, clip, tmp_path, monkeypatch):
+    path, frames = clip
+    out = tmp_path / "r.mp4"
+    video_job.colorize_video(models, path, frames[0], out, "recursive", OPTS, keep_frames=True, progress=False)
+    work = video_job.work_dir_for(out)
+    first = {p.name: p.read_bytes() for p in (work / "frames").glob("*.png")}
+    (work / "frames" / f"{N - 1:06d}.png").unlink()
+    # a different job in the same work folder is refused, naming the difference
+    with pytest.raises(ValueError, match="mode"):
+        video_job.colorize_video(models, path, frames[0], out, "fixed", OPTS, progress=False)
+    calls = []
+    real = video_job.colorize_image
+    monkeypatch.setattr(video_job, "colorize_image", lambda *a: calls.append(1) or real(*a))
+    video_job.colorize_video(models, path, frames[0], out, "recursive", OPTS, keep_frames=True, progress=False)
+    assert len(calls) == 1  # only the missing last frame, after the stored previous result
+    assert {p.name: p.read_bytes() for p in (work / "frames").glob("*.png")} == first  # same job, same frames
+    assert count_frames(out) == N
+    video_job.colorize_video(models, path, frames[0], out, "recursive", OPTS, progress=False)
+    assert len(calls) == 1 and not work.exists()  # nothing to redo; the work folder goes after success
+
+
+def test_cli_builders(clip, tmp_path):
+    from ctrlnet.image import load_image, save_image
+    from ctrlnet.interfaces.colorize_cli import add_colorize_parser, add_video_pairs_parser
+
+    path, frames = clip
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_colorize_parser(sub)
+    data = sub.add_parser("data").add_subparsers(dest="data_command")
+    add_video_pairs_parser(data)
+    gray, ref = save_image(frames[2], tmp_path / "g.png"), save_image(frames[0], tmp_path / "c.png")
+    args = parser.parse_args(["colorize", "image", str(gray), "--reference", str(ref), "--out", str(tmp_path / "o.png"),
+                              "--base", "random:tiny-sd1", "--colorizer", "random", "--resolution", "64",
+                              "--steps", "1", "--device", "cpu"])
+    assert args.func(args) == 0
+    assert load_image(tmp_path / "o.png").shape == frames[2].shape
+    args = parser.parse_args(["colorize", "video", str(path), "--reference", str(ref), "--mode", "recursive"])
+    assert (args.mode, args.guidance_scale, args.keep_luminance) == ("recursive", 1.0, True)
+    args = parser.parse_args(["data", "video-pairs", str(path), str(tmp_path / "pairs"), "--similarity", "0.5", "0.99",
+                              "--min-gap", "2"])
+    assert args.func(args) == 0
+    assert (tmp_path / "pairs" / "prompt.json").is_file()
+    args = parser.parse_args(["colorize", "lineart", str(gray)])
+    with pytest.raises(ValueError, match="--controlnet"):
+        args.func(args)
