@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -16,14 +17,28 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # so a partial install (no training extras, say) still has a working CLI.
 _PLUGINS = [
     ("ctrlnet.interfaces.train_cli", ("add_train_parser", "add_data_parser", "add_add_control_parser")),
+    ("ctrlnet.interfaces.colorize_cli", ("add_colorize_parser", "add_video_pairs_parser")),
+    ("ctrlnet.interfaces.convert_cli", ("add_convert_parser",)),
+    ("ctrlnet.interfaces.models_cli", ("add_models_parser",)),
+    ("ctrlnet.interfaces.server_cli", ("add_ui_parser", "add_serve_parser")),
 ]
 
 
 def _add_generate(sub) -> None:
+    from ctrlnet.interfaces.model_args import add_model_args
+
     p = sub.add_parser(
         "generate", help="generate images from a prompt and control images",
-        description="Generate images. With no --base, the embedded demo model is used (offline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate images that follow a control image. Each --control is a picture; --annotator "
+                    "turns it into a control map (canny edges, a pose, depth...) or 'none' if it already is one. "
+                    "With no --base, the embedded demo model is used (offline). Each PNG written records its "
+                    "settings; `ctrlnet generate --from-png OUT.png` makes the same image again.",
+        epilog="examples:\n"
+               "  ctrlnet generate --prompt 'a house' --control photo.jpg --annotator canny\n"
+               "  ctrlnet generate --base v1-5-pruned-emaonly.safetensors --controlnet control_v11p_sd15_canny.pth \\\n"
+               "      --control photo.jpg --annotator canny --prompt 'a red house' -n 4 --seed 1\n"
+               "  ctrlnet generate --from-png outputs/1_0.png --out again",
+        formatter_class=_Formatter,
     )
     p.add_argument("--prompt", default="", help="what to draw")
     p.add_argument("--added-prompt", default=None, help="appended to the prompt (default: the model's)")
@@ -31,63 +46,86 @@ def _add_generate(sub) -> None:
     p.add_argument("--control", action="append", default=[], metavar="IMAGE",
                    help="control image (repeat for several ControlNets, paired in order with --controlnet)")
     p.add_argument("--annotator", action="append", default=[], metavar="NAME",
-                   help="annotator for each --control ('none' = the image is already a control map)")
-    p.add_argument("--base", default=None, help="base model: checkpoint file, diffusers folder, 'demo', or random:<preset>")
-    p.add_argument("--controlnet", action="append", default=[], metavar="PATH", help="ControlNet weights (repeatable)")
+                   help="annotator for each --control ('none' = the image is already a control map; "
+                        "list: ctrlnet annotate --list)")
     p.add_argument("--strength", type=float, action="append", default=[], help="control strength, 0..2 (per control)")
     p.add_argument("--guess-mode", action="store_true", help="follow the control without a prompt")
-    p.add_argument("--num-images", "-n", type=int, default=1)
+    p.add_argument("--num-images", "-n", type=int, default=1, help="images per run (1..12)")
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", "--scale", type=float, default=9.0)
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance-scale", "--scale", type=float, default=9.0, help="how strongly to follow the prompt")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one and reports it")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m")
-    p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
-    p.add_argument("--low-vram", action="store_true", help="keep only the stage in use on the GPU")
-    p.add_argument("--parameterization", choices=["eps", "v"], default=None, help="override (SD2 768-v models: v)")
+    p.add_argument("--clip-skip", type=int, default=1, help="1 or 2")
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="redo the image a previous run wrote: its settings, seed, models and control maps "
+                        "(saved next to it) are read from the PNG; --base/--controlnet/--out override")
     p.add_argument("--out", default="outputs", help="output folder")
+    add_model_args(p)
     p.set_defaults(func=_cmd_generate)
 
 
-def _cmd_generate(args) -> int:
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, examples kept as written."""
+
+
+def _progress_bar(total: int):
     from tqdm import tqdm
 
-    from ctrlnet.image import load_image, save_image
-    from ctrlnet.pipeline import ControlSpec, GenerationRequest, generate, load_models, result_metadata
+    bar = tqdm(total=total, desc="sampling", unit="step")
 
-    models = load_models(args.base, args.controlnet, device=args.device, dtype=args.dtype,
-                         low_vram=args.low_vram, parameterization=args.parameterization)
+    def progress(i, n):
+        bar.total = n
+        bar.n = i
+        bar.refresh()
+
+    return bar, progress
+
+
+def _request_from_args(args, models):
+    from ctrlnet.image import load_image
+    from ctrlnet.pipeline import ControlSpec, GenerationRequest
+
     controls = []
+    names = list(models.controlnets)
     for i, path in enumerate(args.control):
-        ann = args.annotator[i] if i < len(args.annotator) else None
+        ann = args.annotator[i] if i < len(args.annotator) else (args.annotator[0] if args.annotator else None)
         strength = args.strength[i] if i < len(args.strength) else (args.strength[0] if args.strength else 1.0)
-        names = list(models.controlnets)
         controls.append(ControlSpec(image=load_image(path), model=names[i] if i < len(names) else None,
                                     annotator=None if ann in (None, "none") else ann, strength=strength))
-    resolution = args.resolution or models.defaults.get("resolution", 512)
-    req = GenerationRequest(
+    return GenerationRequest(
         prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
-        controls=controls, num_images=args.num_images, resolution=resolution, steps=args.steps,
+        controls=controls, num_images=args.num_images,
+        resolution=args.resolution or models.defaults.get("resolution", 512), steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, eta=args.eta, sampler=args.sampler,
         guess_mode=args.guess_mode, clip_skip=args.clip_skip,
     )
-    with tqdm(total=req.steps, desc="sampling", unit="step") as bar:
-        def progress(i, total):
-            bar.total = total
-            bar.n = i
-            bar.refresh()
 
-        result = generate(models, req, progress)
-    out = Path(args.out)
-    meta = result_metadata(result, models.base.source)
-    for i, img in enumerate(result.images):
-        path = save_image(img, out / f"{result.seed}_{i}.png", meta)
+
+def _cmd_generate(args) -> int:
+    from ctrlnet.interfaces.model_args import load_named, name_controlnets
+    from ctrlnet.interfaces.outputs import read_record, save_result
+    from ctrlnet.pipeline import generate
+
+    if args.from_png:
+        rec = read_record(args.from_png)
+        base = args.base if args.base is not None else rec.base
+        nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
+        dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
+        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization)
+        req = rec.request
+    else:
+        loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
+                            args.low_vram, args.parameterization)
+        req = _request_from_args(args, loaded.models)
+    req.validate()
+    bar, progress = _progress_bar(req.steps)
+    with bar:
+        result = generate(loaded.models, req, progress)
+    saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name)
+    for path in saved.images + saved.control_maps:
         print(path)
-    for i, cmap in enumerate(result.control_maps):
-        print(save_image(cmap, out / f"{result.seed}_control{i}.png"))
     print(f"seed: {result.seed}")
     return EXIT_OK
 
@@ -134,15 +172,24 @@ def _cmd_annotate(args) -> int:
     img = load_image(args.input)
     if args.resolution:
         img = resize_image(img, args.resolution)
-    print(save_image(run_annotator(args.name, img, **params), args.output))
+    record = {"annotator": args.name, "params": params, "resolution": args.resolution,
+              "input": str(Path(args.input).resolve())}
+    print(save_image(run_annotator(args.name, img, **params), args.output, {"ctrlnet": json.dumps(record)}))
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctrlnet",
-        description="ControlNet for Stable Diffusion: generate images that follow a control map, "
-                    "make control maps, train ControlNets.",
+        description="ControlNet for Stable Diffusion: generate images that follow a control map "
+                    "(edges, a pose, depth, a scribble...), make control maps, train ControlNets.",
+        epilog="start here:\n"
+               "  ctrlnet generate --prompt 'a house' --control photo.jpg --annotator canny   (embedded demo model)\n"
+               "  ctrlnet ui                      web app in your browser  (pip install 'ctrlnet[ui]')\n"
+               "  ctrlnet models list             official weights and where to get them\n"
+               "  ctrlnet COMMAND --help          options of one command\n"
+               "exit codes: 0 ok, 1 failure, 2 bad arguments or input",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
@@ -173,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ctrlnet {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, OSError) as e:  # out of memory, disk full, network down...
+        print(f"ctrlnet {args.command}: failed: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

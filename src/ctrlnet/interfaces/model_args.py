@@ -1,0 +1,73 @@
+"""The model options every serving command shares (--base, --controlnet, --device, ...)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+BASE_HELP = ("base model: a checkpoint file (.safetensors/.ckpt), a diffusers folder, 'demo' (the small "
+             "embedded model, the default), or random:<preset> (random weights, for smoke tests)")
+CONTROLNET_HELP = ("ControlNet weights, repeatable; NAME=PATH names it (default name: the file's stem). "
+                   "With no --base and no --controlnet the embedded demo ControlNet is used")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Add --base/--controlnet/--device/--dtype/--low-vram/--parameterization to a subcommand."""
+    g = p.add_argument_group("model")
+    g.add_argument("--base", default=None, help=BASE_HELP)
+    g.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH", help=CONTROLNET_HELP)
+    g.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    g.add_argument("--low-vram", action="store_true", help="keep only the stage in use on the GPU")
+    g.add_argument("--parameterization", choices=["eps", "v"], default=None,
+                   help="override the prediction type (SD2 768-v checkpoints: v)")
+
+
+def name_controlnets(specs) -> dict[str, str]:
+    """``[NAME=]PATH`` strings -> ``{name: spec}``; names default to the file stem (``random:x`` -> ``x``)."""
+    named: dict[str, str] = {}
+    for s in specs:
+        s = str(s)
+        if "=" in s and not s.startswith("random:") and not Path(s).exists():
+            name, spec = s.split("=", 1)
+        elif s.startswith("random:"):
+            name, spec = s.split(":", 1)[1], s
+        else:
+            name, spec = Path(s).stem, s
+        while name in named:
+            name += "_"
+        named[name] = spec
+    return named
+
+
+@dataclass
+class LoadedModels:
+    """Models plus the specs they came from (recorded in output PNGs)."""
+
+    models: object  # ctrlnet.pipeline.Models
+    base: str | None
+    controlnets: dict[str, str]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.models.dtype).replace("torch.", "")
+
+
+def load_named(base: str | None, controlnets: dict[str, str], device="auto", dtype="auto", low_vram=False,
+               parameterization=None) -> LoadedModels:
+    """Load models by spec and remember the specs (paths absolute)."""
+    from ctrlnet.interfaces.outputs import model_spec
+    from ctrlnet.pipeline import DEMO_CONTROL, demo_dir, load_models
+
+    models = load_models(base, dict(controlnets), device=device, dtype=dtype, low_vram=low_vram,
+                         parameterization=parameterization)
+    specs = {k: model_spec(v) for k, v in controlnets.items()}
+    if not specs and "demo" in models.controlnets and base in (None, "demo"):
+        specs = {"demo": str(demo_dir() / DEMO_CONTROL)}
+    return LoadedModels(models, model_spec(base), specs)
+
+
+def load_from_args(args) -> LoadedModels:
+    return load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype, args.low_vram,
+                      args.parameterization)

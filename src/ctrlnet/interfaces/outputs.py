@@ -1,0 +1,143 @@
+"""Result files that remember how they were made, and reading that record back.
+
+Each image PNG carries two text chunks (from :func:`ctrlnet.pipeline.result_metadata`):
+``parameters`` (A1111 style) and ``ctrlnet`` (JSON). We extend the JSON with what a rerun needs:
+
+- ``request``: the request with the seed used and the resolved prompts (control images left out);
+- ``base`` / ``controlnets``: the model specs (paths made absolute, ``random:...``, or ``demo``);
+- ``control_maps``: file names, next to the image, of the control maps that were used;
+- ``dtype``: the weights' dtype.
+
+``ctrlnet generate --from-png`` feeds the saved control maps back as ready-made maps (no annotator
+runs again, so annotator weights are not needed) with the recorded seed and settings; on the same
+device and dtype this gives the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctrlnet.image import ImageError, load_image, save_image
+from ctrlnet.pipeline import GenerationRequest, GenerationResult, result_metadata
+
+RECORD_KEY = "ctrlnet"
+
+
+@dataclass
+class SavedResult:
+    images: list[Path]
+    control_maps: list[Path]
+
+
+@dataclass
+class Record:
+    """What a PNG's ``ctrlnet`` chunk says, with its control maps loaded."""
+
+    request: GenerationRequest
+    base: str | None
+    controlnets: dict[str, str]
+    dtype: str | None
+
+
+def model_spec(spec: str | None) -> str | None:
+    """A model spec as it should be recorded: file paths absolute, others unchanged."""
+    if spec is None or spec == "demo" or str(spec).startswith("random:"):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[str, str],
+                  dtype: str | None = None, control_files: list[str] = ()) -> dict[str, str]:
+    """The PNG text chunks for a result: ``parameters`` plus the extended ``ctrlnet`` JSON."""
+    meta = result_metadata(result, base or "demo")
+    record = json.loads(meta[RECORD_KEY])
+    record.update(base=base, controlnets=dict(controlnets), control_maps=list(control_files), dtype=dtype)
+    meta[RECORD_KEY] = json.dumps(record)
+    return meta
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    path = folder / f"{stem}.png"
+    k = 1
+    while path.exists():
+        path = folder / f"{stem}-{k}.png"
+        k += 1
+    return path
+
+
+def save_result(result: GenerationResult, out_dir, base: str | None, controlnets: dict[str, str],
+                dtype: str | None = None) -> SavedResult:
+    """Write control maps and images (``<seed>_control<i>.png``, ``<seed>_<i>.png``) to ``out_dir``.
+
+    Existing files are never overwritten (a ``-1``, ``-2`` suffix is added).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    maps = [save_image(m, _free_name(out, f"{result.seed}_control{i}")) for i, m in enumerate(result.control_maps)]
+    meta = result_chunks(result, base, controlnets, dtype, [p.name for p in maps])
+    images = [save_image(img, _free_name(out, f"{result.seed}_{i}"), meta) for i, img in enumerate(result.images)]
+    return SavedResult(images, maps)
+
+
+def png_bytes(image: np.ndarray, chunks: dict[str, str] | None = None) -> bytes:
+    """An image as PNG bytes with text chunks (for HTTP responses)."""
+    from PIL import Image, PngImagePlugin
+
+    from ctrlnet.image import HWC3
+
+    info = None
+    if chunks:
+        info = PngImagePlugin.PngInfo()
+        for k, v in chunks.items():
+            info.add_text(k, v)
+    buf = io.BytesIO()
+    Image.fromarray(HWC3(image)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_chunks(path) -> dict[str, str]:
+    """The text chunks of a PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"no image file at {path}")
+    try:
+        with Image.open(path) as im:
+            return {k: v for k, v in im.info.items() if isinstance(v, str)}
+    except OSError as e:
+        raise ImageError(f"{path} is not a readable image ({e})") from None
+
+
+def read_record(path) -> Record:
+    """Rebuild the request that made a PNG, with its control maps as ready-made controls."""
+    from ctrlnet.interfaces.request_io import request_from_dict
+
+    path = Path(path)
+    raw = read_chunks(path).get(RECORD_KEY)
+    if raw is None:
+        raise ImageError(f"{path} has no '{RECORD_KEY}' text chunk: it was not written by ctrlnet generate "
+                         "(or the chunk was stripped by an editor)")
+    try:
+        rec = json.loads(raw)
+        req = dict(rec["request"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ImageError(f"{path}: the '{RECORD_KEY}' chunk is damaged ({e})") from None
+    files = rec.get("control_maps") or []
+    controls = req.get("controls") or []
+    if len(files) != len(controls):
+        raise ImageError(f"{path}: the record lists {len(controls)} controls but {len(files)} control map files")
+    images = []
+    for name in files:
+        if Path(name).name != name:  # a record names files next to the image, nothing else
+            raise ImageError(f"{path}: control map name {name!r} is not a plain file name")
+        images.append(load_image(path.parent / name))
+    # the saved maps are the annotators' output: use them as they are
+    req["controls"] = [{**c, "annotator": None, "annotator_params": {}, "detect_resolution": None} for c in controls]
+    request = request_from_dict(req, images, allow_server_fields=True)
+    return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"))

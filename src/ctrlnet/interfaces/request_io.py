@@ -1,0 +1,169 @@
+"""Requests from untrusted dicts (JSON bodies, PNG chunks): typed, range-checked, path-free.
+
+The web UI, the HTTP API and ``ctrlnet generate --from-png`` all turn a plain dict into a
+:class:`~ctrlnet.pipeline.GenerationRequest` here, so the rules are written once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from functools import lru_cache
+
+from ctrlnet.pipeline import ControlSpec, GenerationRequest
+
+# Annotator keywords that name files, folders or devices: set by the operator, never by a client.
+_PRIVATE_PARAMS = {"device", "dtype", "depth", "mask", "soft_edge"}
+_PRIVATE_SUFFIXES = ("_dir", "_path", "_file", "_folder")
+_SCALAR = (bool, int, float, str)
+
+
+@lru_cache(maxsize=None)
+def public_params(annotator: str) -> dict[str, object]:
+    """The parameters of an annotator a user may set, with their defaults (from its signature).
+
+    Only keywords whose default is a bool, number or string count; weight folders, devices and
+    array inputs are left out, so a client cannot point the server at a file.
+    """
+    from ctrlnet.annotators import get_annotator
+
+    out = {}
+    for name, p in inspect.signature(get_annotator(annotator)).parameters.items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is inspect.Parameter.empty:
+            continue
+        if name in _PRIVATE_PARAMS or name.endswith(_PRIVATE_SUFFIXES):
+            continue
+        if isinstance(p.default, _SCALAR):
+            out[name] = p.default
+    return out
+
+
+def check_annotator_params(annotator: str | None, params: dict, where: str = "annotator_params") -> dict:
+    """Keep ``params`` only if every key is a public parameter of ``annotator`` with a fitting type."""
+    if not params:
+        return {}
+    if annotator is None or annotator == "none":
+        raise ValueError(f"{where}: parameters given but no annotator is used")
+    allowed = public_params(annotator)
+    out = {}
+    for k, v in params.items():
+        if k not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise ValueError(f"{where}: {annotator!r} has no settable parameter {k!r} (settable: {known})")
+        default = allowed[k]
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok and isinstance(default, int) and not isinstance(default, bool) and float(v).is_integer():
+                v = int(v)
+        else:
+            ok = isinstance(v, str) and len(v) <= 64
+        if not ok:
+            raise ValueError(f"{where}.{k}={v!r} has the wrong type; expected {type(default).__name__}")
+        out[k] = v
+    return out
+
+
+_SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _scalar_fields(cls) -> dict[str, type]:
+    """Dataclass fields whose annotation is a scalar (``int``, ``float | None``...), by name -> type.
+
+    Taken from the annotations so fields added to the request later are accepted without edits here;
+    arrays, lists and dicts are left out (images travel separately).
+    """
+    out = {}
+    for f in fields(cls):
+        head = str(f.type).split("|")[0].strip()
+        if head in _SCALAR_TYPES:
+            out[f.name] = _SCALAR_TYPES[head]
+    return out
+
+
+_TYPES = _scalar_fields(GenerationRequest)
+_CONTROL_TYPES = _scalar_fields(ControlSpec)
+_REQUEST_FIELDS = {**_TYPES, "controls": list}
+_CONTROL_FIELDS = {*_CONTROL_TYPES, "annotator_params"}
+# Fields the caller of generate() decides (noise device), not a client.
+_SERVER_ONLY = {"noise_device"}
+
+
+def _typed(name: str, value, kind):
+    if value is None:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be true or false")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} must be a number")
+        if kind is int:
+            if float(value) != int(value):
+                raise ValueError(f"{name}={value!r} must be a whole number")
+            return int(value)
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} must be a string")
+    return value
+
+
+def control_from_dict(d: dict, index: int = 0, image=None) -> ControlSpec:
+    """A ControlSpec from a dict (no image inside; ``image`` is passed separately)."""
+    where = f"controls[{index}]"
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object")
+    unknown = sorted(set(d) - _CONTROL_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}; known: {sorted(_CONTROL_FIELDS)}")
+    kw = {k: _typed(f"{where}.{k}", v, _CONTROL_TYPES[k]) for k, v in d.items() if k != "annotator_params"}
+    ann = kw.get("annotator")
+    if ann is not None and ann != "none":
+        from ctrlnet.annotators import list_annotators
+
+        if ann not in list_annotators():
+            raise ValueError(f"{where}.annotator={ann!r} is unknown; known: {', '.join(list_annotators())}")
+    params = d.get("annotator_params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}.annotator_params must be an object")
+    kw["annotator_params"] = check_annotator_params(ann, params, f"{where}.annotator_params")
+    if kw.get("annotator") == "none":
+        kw["annotator"] = None
+    for k in ("strength", "start", "end"):
+        if kw.get(k) is None:
+            kw.pop(k, None)
+    return ControlSpec(image=image, **kw)
+
+
+def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> GenerationRequest:
+    """A GenerationRequest from a dict shaped like :meth:`GenerationRequest.to_dict`.
+
+    ``images[i]`` becomes the image of ``controls[i]``. Unknown fields and wrong types raise
+    ValueError naming the field; ranges are checked by :meth:`GenerationRequest.validate`.
+    ``allow_server_fields`` accepts ``noise_device`` too (a record we wrote ourselves).
+    """
+    if not isinstance(d, dict):
+        raise ValueError("the request must be a JSON object")
+    allowed = set(_REQUEST_FIELDS) if allow_server_fields else set(_REQUEST_FIELDS) - _SERVER_ONLY
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ValueError(f"unknown request fields {unknown}")
+    kw = {}
+    for k, v in d.items():
+        if k == "controls":
+            continue
+        t = _typed(k, v, _TYPES[k])
+        if t is None and k not in ("added_prompt", "negative_prompt"):
+            continue  # null = the default
+        kw[k] = t
+    controls = d.get("controls") or []
+    if not isinstance(controls, list):
+        raise ValueError("controls must be a list")
+    images = list(images)
+    if len(images) > len(controls):
+        controls = controls + [{}] * (len(images) - len(controls))
+    kw["controls"] = [control_from_dict(c, i, images[i] if i < len(images) else None)
+                      for i, c in enumerate(controls)]
+    return GenerationRequest(**kw)

@@ -1,0 +1,164 @@
+"""The rest of the ctrlnet command: --from-png reproduces pixels, convert round-trips weights, help texts."""
+
+import json
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctrlnet.interfaces.cli import build_parser, main
+
+
+def _square(path, size=72):
+    img = np.zeros((size, size, 3), np.uint8)
+    cv2.rectangle(img, (12, 12), (size - 14, size - 20), (255, 255, 255), 3)
+    cv2.circle(img, (size // 2, size // 2), size // 6, (0, 200, 255), -1)
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def test_from_png_reproduces_the_same_pixels(tmp_path, capsys):
+    # random:<preset> models draw their biases from torch's global generator: seed it before each
+    # load so both runs have the same weights (with files, the weights are the same anyway)
+    src = _square(tmp_path / "in.png")
+    torch.manual_seed(0)
+    rc = main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--control", str(src),
+               "--annotator", "canny", "--prompt", "a box", "--steps", "2", "--resolution", "64", "-n", "2",
+               "--eta", "0.5", "--seed", "-1", "--out", str(tmp_path / "a")])
+    assert rc == 0
+    seed = int(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1])
+    first = tmp_path / "a" / f"{seed}_1.png"
+    record = json.loads(Image.open(first).info["ctrlnet"])
+    assert record["base"] == "random:tiny-sd1" and record["controlnets"] == {"c": "random:c"}
+    assert record["control_maps"] == [f"{seed}_control0.png"] and record["request"]["seed"] == seed
+
+    torch.manual_seed(0)
+    rc = main(["generate", "--from-png", str(first), "--out", str(tmp_path / "b")])
+    assert rc == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "a" / f"{seed}_{i}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / f"{seed}_{i}.png"))
+        assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    # the control map fed back is the saved one, unchanged
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / f"{seed}_control0.png")),
+                          np.asarray(Image.open(tmp_path / "b" / f"{seed}_control0.png")))
+    # the two images of the batch differ (other noise), so the equality above can fail
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / f"{seed}_0.png")),
+                              np.asarray(Image.open(tmp_path / "a" / f"{seed}_1.png")))
+
+
+def test_from_png_without_record_is_a_clear_error(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "plain.png"), np.zeros((16, 16, 3), np.uint8))
+    assert main(["generate", "--from-png", str(tmp_path / "plain.png")]) == 2
+    assert "no 'ctrlnet' text chunk" in capsys.readouterr().err
+
+
+def test_from_png_refuses_paths_in_the_record(tmp_path, capsys):
+    from ctrlnet.image import save_image
+
+    rec = {"request": {"controls": [{"annotator": None}]}, "control_maps": ["../../etc/secret.png"]}
+    save_image(np.zeros((16, 16, 3), np.uint8), tmp_path / "x.png", {"ctrlnet": json.dumps(rec)})
+    assert main(["generate", "--from-png", str(tmp_path / "x.png")]) == 2
+    assert "not a plain file name" in capsys.readouterr().err
+
+
+def test_annotate_output_records_its_settings(tmp_path):
+    src = _square(tmp_path / "in.png")
+    assert main(["annotate", "canny", str(src), str(tmp_path / "m.png"), "--param", "low_threshold=50"]) == 0
+    rec = json.loads(Image.open(tmp_path / "m.png").info["ctrlnet"])
+    assert rec["annotator"] == "canny" and rec["params"] == {"low_threshold": 50}
+
+
+def _tensors(path):
+    from ctrlnet.checkpoints.io import read_checkpoint
+
+    return read_checkpoint(path).state_dict
+
+
+@pytest.mark.parametrize("preset,text_prefix", [("tiny-sd1", "cond_stage_model.transformer."),
+                                                ("tiny-sd2", "cond_stage_model.model.")])
+def test_convert_base_single_diffusers_single_round_trip(tmp_path, preset, text_prefix, capsys):
+    from ctrlnet.checkpoints.convert import base_state_dict, write_single_file
+    from ctrlnet.checkpoints.load import load_base
+    from ctrlnet.pipeline import random_base
+
+    base = random_base(preset)
+    src = write_single_file(base_state_dict(base), tmp_path / "base.safetensors", base.config)
+    assert main(["convert", str(src), str(tmp_path / "diff")]) == 0
+    assert (tmp_path / "diff" / "unet" / "config.json").is_file()
+    assert main(["convert", str(tmp_path / "diff"), str(tmp_path / "back.safetensors")]) == 0
+    a, b = _tensors(src), _tensors(tmp_path / "back.safetensors")
+    assert any(k.startswith(text_prefix) for k in b)
+    assert any(k.startswith("model.diffusion_model.") for k in b) and any(k.startswith("first_stage_model.") for k in b)
+    common = set(a) & set(b)
+    # every UNet and VAE tensor survives (the text tower may drop bookkeeping buffers)
+    assert {k for k in a if not k.startswith("cond_stage_model.")} <= common
+    lossy = set()
+    if base.config.text.kind == "openclip":  # the diffusers text model lacks the unused last block
+        from ctrlnet.checkpoints.diffusers_clip import openclip_unrecoverable_keys
+
+        lossy = {text_prefix + k for k in openclip_unrecoverable_keys(base.config.text, base.config.text.layers - 1)}
+    assert len(common - lossy) > 100
+    for k in common - lossy:
+        assert torch.equal(a[k], b[k]), k
+    # the converted file loads as a model with the same config
+    got = load_base(tmp_path / "back.safetensors").config.unet
+    want = base.config.unet
+    assert set(got.attention_resolutions) == set(want.attention_resolutions)  # a set; order is immaterial
+    assert replace(got, attention_resolutions=()) == replace(want, attention_resolutions=())
+    assert "wrote base" in capsys.readouterr().out
+
+
+def test_convert_controlnet_to_fp16_and_refuse_overwrite(tmp_path, capsys):
+    from ctrlnet.checkpoints.convert import base_state_dict, controlnet_state_dict, write_single_file
+    from ctrlnet.checkpoints.load import load_controlnet
+    from ctrlnet.pipeline import random_base, random_controlnet
+
+    base = random_base("tiny-sd1")
+    basefile = write_single_file(base_state_dict(base), tmp_path / "base.safetensors", base.config)
+    net = random_controlnet(base.unet, "edges")
+    src = write_single_file(controlnet_state_dict(net), tmp_path / "cn.safetensors", base.config)
+    out = tmp_path / "cn16.safetensors"
+    assert main(["convert", str(src), str(out), "--dtype", "fp16", "--base", str(basefile)]) == 0
+    sd = _tensors(out)
+    assert all(k.startswith("control_model.") for k in sd)
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
+    assert out.stat().st_size < 0.6 * src.stat().st_size
+    back = load_controlnet(out, base=base.config)
+    ref = net.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.allclose(v.float(), ref[k].float(), atol=1e-3, rtol=1e-3), k
+    # to a diffusers ControlNet folder and back to the original layout, exactly
+    assert main(["convert", str(src), str(tmp_path / "cn_diff"), "--base", str(basefile)]) == 0
+    assert main(["convert", str(tmp_path / "cn_diff"), str(tmp_path / "cn_back.safetensors"),
+                 "--base", str(basefile)]) == 0
+    back = _tensors(tmp_path / "cn_back.safetensors")
+    orig = _tensors(src)
+    assert set(back) == set(orig) and all(torch.equal(back[k], orig[k]) for k in orig)
+    capsys.readouterr()
+    assert main(["convert", str(src), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_convert_bad_input_exits_2(tmp_path, capsys):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a model at all, just some text")
+    assert main(["convert", str(tmp_path / "junk.ckpt"), str(tmp_path / "o.safetensors")]) == 2
+    assert "junk.ckpt" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "o.safetensors")]) == 2
+    assert "no model at" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name in ["generate", "annotate", "convert", "models", "ui", "serve"]:
+        assert name in sub.choices
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert len(text) > 300 and "usage: ctrlnet " + name in text
+    assert main([]) == 2  # no command: help and exit 2
