@@ -43,7 +43,7 @@ NETWORK_ANNOTATORS = [
     "lineart_anime",
 ]
 # One small scale keeps the 6-stage pose network cheap (about 95 GFLOP at the default 0.5 scale).
-FAST = {"openpose": {"scales": (0.25,)}, "openpose_hand": {"scales": (0.25,), "hand_scales": (0.25,)}}
+FAST = {"openpose": {"scales": (0.125,)}, "openpose_hand": {"scales": (0.125,), "hand_scales": (0.25,)}}
 
 
 def official_keys(filename: str) -> dict[str, list[int]]:
@@ -369,9 +369,9 @@ def test_missing_weights_names_file_folders_and_url(tmp_path, monkeypatch):
 
 def test_openpose_hand_needs_the_hand_file(weights_dir, tmp_path):
     (tmp_path / "body_pose_model.pth").symlink_to(weights_dir / "body_pose_model.pth")
-    assert run_annotator("openpose", rgb(40, 40), weights_dir=tmp_path, scales=(0.25,)).shape == (40, 40, 3)
+    assert run_annotator("openpose", rgb(40, 40), weights_dir=tmp_path, scales=(0.125,)).shape == (40, 40, 3)
     with pytest.raises(MissingWeightsError, match="hand_pose_model.pth"):
-        run_annotator("openpose_hand", rgb(40, 40), weights_dir=tmp_path, scales=(0.25,))
+        run_annotator("openpose_hand", rgb(40, 40), weights_dir=tmp_path, scales=(0.125,))
 
 
 def test_find_weights_search_order(tmp_path, monkeypatch):
@@ -399,6 +399,11 @@ def test_corrupt_weights_file(tmp_path):
     torch.save({"a": 1}, tmp_path / "sk_model.pth")
     with pytest.raises(WeightsError, match="not tensors"):
         lineart.lineart(rgb(32, 32), weights_dir=tmp_path)
+    import argparse
+
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "netG.pth")
+    with pytest.raises(WeightsError, match=r"refuses.*argparse\.Namespace"):
+        lineart_anime.lineart_anime(rgb(32, 32), weights_dir=tmp_path)
 
 
 def test_wrong_key_and_shape_are_named(tmp_path):

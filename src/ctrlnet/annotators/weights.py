@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import threading
 import zipfile
 from collections import OrderedDict
@@ -105,6 +106,14 @@ def _unwrap(obj, path: Path) -> dict:
     return obj
 
 
+def _reason(e: Exception) -> str:
+    """The informative part of a loader error, without terminal colour codes or torch's advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    line = m.group(1) if m else next((ln for ln in text.splitlines() if ln.strip()), e.__class__.__name__)
+    return " ".join(line.split())[:200]
+
+
 def load_state_dict(path: str | os.PathLike, strip_prefix: str = "module.") -> dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file on CPU.
 
@@ -122,8 +131,13 @@ def load_state_dict(path: str | os.PathLike, strip_prefix: str = "module.") -> d
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise MissingWeightsError(f"no weights file at {path}") from None
+        if "Unsupported global" in str(e):  # a readable pickle holding non-tensor Python objects
+            raise WeightsError(
+                f"{path} holds Python objects that safe loading (torch.load(weights_only=True)) refuses; "
+                f"only tensors and plain containers are accepted ({_reason(e)})"
+            ) from e
         raise WeightsError(
-            f"cannot read weights file {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+            f"cannot read weights file {path} ({e.__class__.__name__}: {_reason(e)}); "
             f"it is corrupt, truncated or not a weights file — delete it and download it again "
             f"(official copy: {weights_url(path.name)})"
         ) from e
