@@ -1,0 +1,243 @@
+"""The recipe of the shipped reference colorizer: synthetic clips -> video pairs -> a
+:class:`ReferenceControlNet` trained on the frozen demo base with the common training loop.
+
+    python -m ctrlnet.colorize.recipe build runs/colorize --resume
+    python -m ctrlnet.colorize.recipe ship runs/colorize            # -> src/ctrlnet/assets/demo/
+
+Stages keep their outputs in OUT (``videos/``, ``data/``, ``latents.pt``, ``train/``); a finished
+stage is skipped on ``--resume`` and training continues from its newest checkpoint, so a killed
+run loses at most ``checkpoint_every`` steps. ``--quick`` is a minutes-long smoke run;
+``--base random:tiny-sd1`` runs the recipe without the demo base (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ctrlnet.colorize.reference_model import KIND_KEY, ReferenceControlNet
+
+TRAINED_FILE = "colorize_reference.safetensors"
+
+
+@dataclass(frozen=True)
+class ColorizeRecipe:
+    """Sizes and schedule (the full run: a few CPU-hours on one thread)."""
+
+    n_clips: int = 400
+    n_heldout: int = 12
+    clip_frames: int = 48
+    size: int = 128
+    fps: int = 24
+    low: float = 0.94
+    high: float = 0.97
+    min_gap: int = 3
+    max_gap: int = 24
+    seed: int = 0
+    steps: int = 4000
+    batch: int = 16
+    lr: float = 1e-4
+    ema: float = 0.99
+    checkpoint_every: int = 100
+    threads: int = 1
+
+    def quick(self) -> "ColorizeRecipe":
+        """A smoke version of the same recipe."""
+        return replace(self, n_clips=4, n_heldout=2, clip_frames=24, steps=4, batch=2, checkpoint_every=2)
+
+
+HELDOUT_SEED = 1_000_003  # clip seeds seed + i for training, HELDOUT_SEED + i held out
+
+
+def _log(msg: str) -> None:
+    print(f"[colorize {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
+    """Write the synthetic clips (H.264) once; returns (training, held-out) paths."""
+    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.video import write_video
+
+    made = []
+    for split, n, seed0 in (("train", r.n_clips, r.seed), ("heldout", r.n_heldout, HELDOUT_SEED + r.seed)):
+        folder = out / "videos" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(n):
+            p = folder / f"clip_{i:05d}.mp4"
+            if not p.is_file():
+                write_video(synthetic_clip(r.clip_frames, r.size, seed=seed0 + i), p, r.fps)
+            paths.append(p)
+        made.append(paths)
+    return made[0], made[1]
+
+
+def stage_pairs(out: Path, r: ColorizeRecipe, videos: list[Path]) -> Path:
+    from ctrlnet.colorize.pairs import video_pairs
+
+    data = out / "data" / "train"
+    if not (data / "prompt.json").is_file():
+        rows = video_pairs(videos, data, r.low, r.high, r.min_gap, r.max_gap)
+        _log(f"{len(rows)} pairs from {len(videos)} clips")
+        if not rows:
+            raise SystemExit("no pairs in the similarity range; widen --similarity")
+    return data
+
+
+def resolve_base(spec: str) -> str:
+    """``demo`` -> the embedded base file; paths and ``random:<preset>`` as given."""
+    if spec != "demo":
+        return spec
+    from ctrlnet.pipeline import DEMO_BASE, demo_dir
+
+    for name in (DEMO_BASE, "demo_base.safetensors"):
+        if (demo_dir() / name).is_file():
+            return str(demo_dir() / name)
+    raise SystemExit(f"the demo base is not built yet (no {DEMO_BASE} in {demo_dir()}); "
+                     "build it first or pass --base random:tiny-sd1 / a checkpoint")
+
+
+def train_models(base: str, seed: int = 0):
+    """TrainModels of the base plus a fresh :class:`ReferenceControlNet`."""
+    from ctrlnet.checkpoints.save import read_config
+    from ctrlnet.pipeline import random_base
+    from ctrlnet.training.models import TrainModels, load_model_file, load_models
+
+    if base.startswith("random:"):  # random weights everywhere (a zero UNet output would pass no gradient)
+        b = random_base(base.split(":", 1)[1], seed=seed)
+        models = TrainModels(b.config, b.unet, b.vae, b.text_encoder)
+    elif Path(base).is_file() and str(base).endswith(".safetensors") and read_config(base) is not None:
+        models = load_model_file(base)
+    else:
+        models = load_models(base, add_control=False)
+    for m in (models.unet, models.vae, models.text):
+        m.float().eval()
+    models.controlnet = ReferenceControlNet.from_unet(models.unet)
+    return models
+
+
+@torch.no_grad()
+def stage_cache(out: Path, data: Path, models) -> Path:
+    """Encode every triple once: target moments, reference latents (mean), gray targets."""
+    from ctrlnet.image import load_image
+    from ctrlnet.training.builders import read_jsonl
+    from ctrlnet.training.state import atomic_torch_save
+
+    cache = out / "latents.pt"
+    if cache.is_file():
+        return cache
+    rows = read_jsonl(data / "prompt.json")
+    vae = models.vae
+    moments, refs, grays, prompts = [], [], [], []
+    _log(f"encoding {len(rows)} triples")
+    for i in range(0, len(rows), 32):
+        chunk = rows[i:i + 32]
+
+        def batch(key):
+            x = torch.stack([torch.from_numpy(load_image(data / r[key]).copy()) for r in chunk])  # (B, H, W, 3)
+            return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+        moments.append(vae.quant_conv(vae.encoder(batch("target"))).half())
+        refs.append(vae.encode_latents(batch("reference")).half())
+        grays.append(torch.stack([torch.from_numpy(load_image(data / r["source"])[:, :, 0].copy()) for r in chunk]))
+        prompts += [r.get("prompt", "") for r in chunk]
+    atomic_torch_save({"moments": torch.cat(moments), "refs": torch.cat(refs), "grays": torch.cat(grays),
+                       "prompts": prompts, "scale_factor": vae.scale_factor}, cache)
+    return cache
+
+
+def stage_train(out: Path, r: ColorizeRecipe, cache: Path, models, resume: bool) -> Path:
+    from ctrlnet.colorize.dataset import ReferenceLatentDataset
+    from ctrlnet.training.loop import TrainConfig, export_result, train
+
+    sdir = out / "train"
+    target = sdir / TRAINED_FILE
+    done = sdir / "DONE.json"
+    if done.is_file() and target.is_file():
+        return target
+    c = torch.load(cache, map_location="cpu")
+    ds = ReferenceLatentDataset(c["moments"], c["refs"], c["grays"], c["prompts"])
+    cfg = TrainConfig(mode="controlnet", steps=r.steps, batch_size=r.batch, lr=r.lr, prompt_dropout=0.5,
+                      ema_decay=r.ema, sd_locked=True, checkpoint_every=r.checkpoint_every, keep_last=2,
+                      sample_every=0, seed=r.seed + 5, cpu=True)
+    _log(f"training: {cfg.steps} steps of batch {cfg.batch_size} on {len(ds)} triples")
+    res = train(models, ds, cfg, sdir, resume=resume)
+    if res.step < cfg.steps:
+        raise SystemExit(f"training stopped at step {res.step}; rerun with --resume")
+    export_result(models, cfg, target, use_ema=True, checkpoint=res.checkpoint, metadata={KIND_KEY: "reference"})
+    done.write_text(json.dumps({"step": res.step, "loss": res.last_loss}))
+    _log(f"training done: loss {res.last_loss:.4f} -> {target}")
+    return target
+
+
+def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", resume: bool = False) -> Path:
+    """Run (or continue) every stage; returns the trained colorizer file."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
+    base_path = resolve_base(base)
+    train_videos, _ = stage_videos(out, recipe)
+    data = stage_pairs(out, recipe, train_videos)
+    models = train_models(base_path, seed=recipe.seed)
+    cache = stage_cache(out, data, models)
+    return stage_train(out, recipe, cache, models, resume)
+
+
+def ship(out, dest=None) -> Path:
+    """Write the trained colorizer as fp16 into ``dest`` (default: the package's demo assets)."""
+    from ctrlnet.colorize.reference_model import load_reference_controlnet, save_reference_controlnet
+    from ctrlnet.checkpoints.save import read_config
+    from ctrlnet.pipeline import demo_dir
+
+    src = Path(out) / "train" / TRAINED_FILE
+    if not src.is_file():
+        raise SystemExit(f"{src} is missing; finish the build first")
+    config = read_config(src)
+    net = load_reference_controlnet(src, base=config)
+    dest = Path(dest) if dest else demo_dir()
+    path = save_reference_controlnet(net, dest / TRAINED_FILE, config, dtype=torch.float16)
+    _log(f"shipped {path}: {path.stat().st_size / 2**20:.1f} MiB")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctrlnet.colorize.recipe", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or continue) the reference colorizer")
+    b.add_argument("out", help="work folder (videos, pairs, checkpoints, logs)")
+    b.add_argument("--base", default="demo", help="demo, a base checkpoint, or random:<preset>")
+    b.add_argument("--resume", action="store_true", help="continue a build in OUT")
+    b.add_argument("--quick", action="store_true", help="a minutes-long smoke run")
+    b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    b.add_argument("--size", type=int, default=None, help="clip size in pixels (default 128)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
+    s = sub.add_parser("ship", help="write the trained colorizer as fp16 into the package assets")
+    s.add_argument("out")
+    s.add_argument("dest", nargs="?", default=None)
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        r = ColorizeRecipe(threads=args.threads)
+        if args.quick:
+            r = r.quick()
+        if args.steps is not None:
+            r = replace(r, steps=args.steps)
+        if args.size is not None:
+            r = replace(r, size=args.size)
+        print(build(args.out, r, base=args.base, resume=args.resume))
+    else:
+        ship(args.out, args.dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
