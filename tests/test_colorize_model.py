@@ -157,3 +157,44 @@ def test_pipeline_prompt_chunks_and_reference_spec(tmp_path):
     assert not np.array_equal(a.images[0], b.images[0])  # the reference reaches the net
     json.dumps(a.request.to_dict())  # the reference image stays out of the metadata
     assert "reference" not in a.request.to_dict()["controls"][0]
+
+
+def test_lineart_colorization_end_to_end(tmp_path, monkeypatch):
+    import argparse
+
+    import cv2
+
+    import ctrlnet.pipeline as pipeline
+    from ctrlnet.colorize.lineart import colorize_lineart
+    from ctrlnet.interfaces.colorize_cli import add_colorize_parser
+
+    models = load_models("random:tiny-sd1", ["random:lineart_anime"], device="cpu", dtype="fp32")
+    seen = []
+    real = pipeline.Denoiser
+
+    def spy(unet, schedule, cond, uncond, *a, **k):
+        seen.append((cond.shape, a[1][0].guess_mode if len(a) > 1 else None))
+        return real(unet, schedule, cond, uncond, *a, **k)
+
+    monkeypatch.setattr(pipeline, "Denoiser", spy)
+    drawing = np.full((64, 64, 3), 255, np.uint8)
+    cv2.circle(drawing, (32, 32), 20, (0, 0, 0), 2)
+    res = colorize_lineart(models, drawing, "", resolution=64, steps=1, seed=0)
+    assert seen[-1] == ((1, 231, 32), True)  # anime name: three 75-token windows; no prompt: guess mode
+    cmap = res.control_maps[0]
+    assert (cmap[drawing == 0] == 255).all() and (cmap[drawing == 255] == 0).all()  # white lines on black
+    res = colorize_lineart(models, drawing, "a red ball", anime=False, resolution=64, steps=1, seed=0)
+    assert seen[-1] == ((1, 77, 32), False)
+    assert res.images[0].shape == (64, 64, 3)
+
+    parser = argparse.ArgumentParser()
+    add_colorize_parser(parser.add_subparsers())
+    from ctrlnet.image import save_image
+
+    src = save_image(drawing, tmp_path / "d.png")
+    args = parser.parse_args(["colorize", "lineart", str(src), "--base", "random:tiny-sd1", "--controlnet",
+                              "random:lineart_anime", "--resolution", "64", "--steps", "1", "--seed", "2",
+                              "--out", str(tmp_path / "out"), "--save-map", "--device", "cpu"])
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d-lineart-2-0.png", "d-lineart-map.png"]
+    assert seen[-1] == ((1, 231, 32), True)  # the CLI picks the anime settings from the name
