@@ -35,9 +35,11 @@ BENCH_SEED = HELDOUT_SEED + 50_000  # beyond the recipe's held-out clips too
 
 
 def run(args) -> dict[str, list[list[float]]]:
-    models = load_colorizer_models(args.base, args.colorizer, device=args.device, dtype="auto")
+    methods = ("nearest-L", "gray") if args.baselines_only else ("fixed", "recursive", "nearest-L", "gray")
+    if not args.baselines_only:
+        models = load_colorizer_models(args.base, args.colorizer, device=args.device, dtype="auto")
     opts = ColorizeOptions(resolution=args.size, steps=args.steps, seed=0)
-    errors: dict[str, list[list[float]]] = {k: [] for k in ("fixed", "recursive", "nearest-L", "gray")}
+    errors: dict[str, list[list[float]]] = {k: [] for k in methods}
     t0 = time.time()
     for c in range(args.clips):
         frames = synthetic_clip(args.frames + 1, args.size, seed=BENCH_SEED + c)
@@ -45,11 +47,12 @@ def run(args) -> dict[str, list[list[float]]]:
         per = {k: [] for k in errors}
         prev = ref
         for f in targets:
-            fixed = colorize_image(models, f, ref, opts)
-            rec = colorize_image(models, f, prev, opts)
-            prev = rec
-            per["fixed"].append(chroma_error(fixed, f))
-            per["recursive"].append(chroma_error(rec, f))
+            if not args.baselines_only:
+                fixed = colorize_image(models, f, ref, opts)
+                rec = colorize_image(models, f, prev, opts)
+                prev = rec
+                per["fixed"].append(chroma_error(fixed, f))
+                per["recursive"].append(chroma_error(rec, f))
             per["nearest-L"].append(chroma_error(transfer_by_luminance(f, ref), f))
             per["gray"].append(chroma_error(to_gray(f), f))
         for k in errors:
@@ -68,6 +71,8 @@ def report(errors: dict[str, list[list[float]]], frames: int) -> None:
         arr = np.array(clips)  # (clips, frames)
         cols = "".join(f"  {arr[:, a:b].mean():>13.2f}" for a, b in thirds)
         print(f"{k:<11}{cols}  {arr.mean():>6.2f}   {arr.mean() / base:>6.2f}")
+    if "recursive" not in errors:
+        return
     rec = np.array(errors["recursive"])
     fix = np.array(errors["fixed"])
     drift = [float(np.polyfit(np.arange(frames), r, 1)[0]) for r in rec]
@@ -84,6 +89,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--baselines-only", action="store_true", help="only the nearest-L and gray rows (no model)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:

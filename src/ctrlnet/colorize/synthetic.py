@@ -1,30 +1,37 @@
 """Synthetic colour clips for training and benchmarking the reference colorizer offline.
 
 A clip is a textured background (gradient, stripes, checks or smooth blotches in two colours)
-that pans, with 2-5 coloured shapes (circles, ellipses, boxes, triangles, some striped) moving
-and bouncing off the borders. Colours stay fixed through a clip, so the first frame is a good
+that pans, with 3-6 coloured shapes (circles, ellipses, boxes, triangles, some striped) moving
+and bouncing off the borders. The colours of a clip share two or three CIE lightness levels, so
+lightness alone does not identify them. Colours stay fixed through a clip, so the first frame is a good
 reference for the later ones, as in real footage of one shot. Everything is a pure function of
 the seed.
 """
 
 from __future__ import annotations
 
-import colorsys
-
 import cv2
 import numpy as np
 
-
-def _random_color(rng: np.random.Generator) -> np.ndarray:
-    # varied hue, fairly saturated, lightness spread out so gray alone does not tell colours apart
-    h, l, s = rng.random(), rng.uniform(0.25, 0.75), rng.uniform(0.55, 1.0)
-    return np.array(colorsys.hls_to_rgb(h, l, s)) * 255.0
+from ctrlnet.colorize.lab import _rgb_float
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _random_color(rng: np.random.Generator, lightness: float) -> np.ndarray:
+    """An RGB colour (0..255 floats) of the given CIE L with a random, clearly visible hue."""
+    for _ in range(1000):
+        a, b = rng.uniform(-90, 90, 2)
+        if a * a + b * b < 30**2:
+            continue
+        rgb = _rgb_float(np.array([lightness, a, b], np.float64))
+        if (rgb >= 0).all() and (rgb <= 1).all():
+            return rgb * 255.0
+    return np.full(3, lightness * 2.55)  # unreachable for mid lightness; a gray as a last resort
+
+
+def _background(rng: np.random.Generator, size: int, levels: np.ndarray) -> np.ndarray:
     """A float (2S, 2S, 3) texture, twice the frame so the view can pan over it."""
     n = 2 * size
-    c1, c2 = _random_color(rng), _random_color(rng)
+    c1, c2 = _random_color(rng, rng.choice(levels)), _random_color(rng, rng.choice(levels))
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
     kind = rng.integers(0, 4)
     if kind == 0:  # linear gradient
@@ -45,7 +52,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 class _Shape:
-    def __init__(self, rng: np.random.Generator, size: int):
+    def __init__(self, rng: np.random.Generator, size: int, levels: np.ndarray):
         self.kind = ["circle", "ellipse", "box", "triangle"][int(rng.integers(0, 4))]
         self.r = rng.uniform(0.08, 0.2) * size
         self.pos = rng.uniform(self.r, size - self.r, 2)
@@ -54,8 +61,8 @@ class _Shape:
         self.vel = np.array([np.cos(ang), np.sin(ang)]) * speed
         self.spin = rng.uniform(-1.5, 1.5)  # degrees per frame
         self.angle = rng.uniform(0, 360)
-        self.color = _random_color(rng)
-        self.stripe = _random_color(rng) if rng.random() < 0.3 else None
+        self.color = _random_color(rng, rng.choice(levels))
+        self.stripe = _random_color(rng, rng.choice(levels)) if rng.random() < 0.3 else None
         self.size = size
 
     def step(self) -> None:
@@ -91,10 +98,13 @@ class _Shape:
 def synthetic_clip(n_frames: int, size: int = 128, seed: int = 0) -> list[np.ndarray]:
     """``n_frames`` RGB uint8 frames (size, size, 3) of one synthetic shot."""
     rng = np.random.default_rng(seed)
-    bg = _background(rng, size)
+    # colours share two or three lightness levels: gray alone cannot tell them apart, so a
+    # colorizer has to find where each colour went, not look it up by lightness
+    levels = rng.choice(np.array([35.0, 55.0, 75.0]), size=int(rng.integers(2, 4)), replace=False)
+    bg = _background(rng, size, levels)
     pan = rng.uniform(-0.4, 0.4, 2) * size / 128  # pixels per frame
     off = rng.uniform(0, size / 2, 2)
-    shapes = [_Shape(rng, size) for _ in range(int(rng.integers(2, 6)))]
+    shapes = [_Shape(rng, size, levels) for _ in range(int(rng.integers(3, 7)))]
     frames = []
     for _ in range(n_frames):
         ox, oy = off.round().astype(int)
