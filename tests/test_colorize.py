@@ -152,3 +152,20 @@ def test_video_pairs_writes_triples_from_a_video(tmp_path):
         assert np.abs(ref.astype(int) - decoded[i]).mean() < 1  # the reference is frame i
         assert np.array_equal(color, decoded[j])
         assert np.array_equal(gray, to_gray(decoded[j]))
+
+
+def test_write_video_keeps_odd_size_and_ntsc_rate(tmp_path):
+    from fractions import Fraction
+
+    from ctrlnet.colorize.video import count_frames, probe, write_video
+
+    frames = [np.full((97, 91, 3), 40 * i, np.uint8) for i in range(4)]
+    for ext in ("mp4", "avi"):
+        path = tmp_path / f"v.{ext}"
+        assert write_video(frames, path, Fraction(30000, 1001)) == 4
+        info = probe(path)
+        assert (info.width, info.height, info.fps) == (91, 97, Fraction(30000, 1001))
+        assert count_frames(path) == 4
+    with pytest.raises(ValueError, match="no frames"):
+        write_video([], tmp_path / "e.mp4", 24)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind

@@ -60,17 +60,14 @@ def count_frames(path) -> int:
     return sum(1 for _ in read_frames(path))
 
 
-def _codec_for(path: Path, av) -> str:
-    available = av.codecs_available
-    if path.suffix.lower() in (".mp4", ".mkv", ".mov") and "libx264" in available:
-        return "libx264"
-    return "mpeg4"
+def _codec_for(av) -> str:
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
 def write_video(frames: Iterable[np.ndarray], path, fps, size: tuple[int, int] | None = None,
                 crf: int = 17) -> int:
     """Encode RGB frames to ``path`` at ``fps``; ``size`` = (width, height), default the first
-    frame's. H.264 (``crf``) for .mp4/.mkv/.mov when available, else MPEG-4 Part 2. The file is
+    frame's. H.264 (``crf``) when FFmpeg has libx264, else MPEG-4 Part 2. The file is
     written under a temporary name and renamed, so a crash never leaves a truncated video.
     Returns the number of frames written."""
     import cv2
@@ -86,11 +83,12 @@ def write_video(frames: Iterable[np.ndarray], path, fps, size: tuple[int, int] |
             for frame in frames:
                 if stream is None:
                     w, h = size or (frame.shape[1], frame.shape[0])
-                    codec = _codec_for(path, av)
+                    codec = _codec_for(av)
                     stream = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001 * 1000))
                     stream.width, stream.height = w, h
-                    # 4:2:0 needs even sides; odd sizes keep full chroma instead of being cropped
-                    stream.pix_fmt = "yuv420p" if w % 2 == 0 and h % 2 == 0 else "yuv444p"
+                    # 4:2:0 needs even sides; odd sizes keep full chroma (H.264) instead of being cropped
+                    even = w % 2 == 0 and h % 2 == 0
+                    stream.pix_fmt = "yuv420p" if even or codec != "libx264" else "yuv444p"
                     if codec == "libx264":
                         stream.options = {"crf": str(crf)}
                     else:
