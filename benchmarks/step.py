@@ -88,6 +88,10 @@ def main() -> None:
             down, mid = d_cn(xs, ts, cs, controlnet_cond=hs, return_dict=False)
             return d_unet(xs, ts, cs, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
+        @torch.inference_mode()
+        def ours_cl():
+            return unet(xs_cl, ts, cs, control=cn(xs_cl, hs_cl, ts, cs))
+
         a, bb = ours().float(), theirs().float()
         diff = (a - bb).abs().max().item()
         scale = bb.abs().max().item()
@@ -95,8 +99,18 @@ def main() -> None:
         status = "match" if diff <= tol * max(1.0, scale) else "MISMATCH"
         t_ours = _time(ours, args.repeats)
         t_theirs = _time(theirs, args.repeats)
-        print(f"{name}: outputs {status} (max abs diff {diff:.2e}, output max {scale:.2f}); "
-              f"ours {t_ours:.3f} s/step, diffusers {t_theirs:.3f} s/step, ratio diffusers/ours = {t_theirs / t_ours:.3f}")
+        # the channels-last layout the pipeline uses (ctrlnet.runtime.device.prepare_module)
+        for m in (unet, cn):
+            m.to(memory_format=torch.channels_last)
+        xs_cl = xs.contiguous(memory_format=torch.channels_last)
+        hs_cl = hs.contiguous(memory_format=torch.channels_last)
+        diff_cl = (ours_cl().float() - bb).abs().max().item()
+        t_cl = _time(ours_cl, args.repeats)
+        for m in (unet, cn):
+            m.to(memory_format=torch.contiguous_format)
+        print(f"{name}: outputs {status} (max abs diff {diff:.2e}, channels-last {diff_cl:.2e}, output max {scale:.2f})\n"
+              f"  ours {t_ours:.3f} s/step, ours channels-last {t_cl:.3f} s/step, diffusers {t_theirs:.3f} s/step\n"
+              f"  ratio diffusers/ours = {t_theirs / t_ours:.3f}, diffusers/ours-channels-last = {t_theirs / t_cl:.3f}")
 
 
 if __name__ == "__main__":

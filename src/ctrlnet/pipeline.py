@@ -35,8 +35,8 @@ ORIGINAL_NEGATIVE_PROMPT = (
     "worst quality, low quality"
 )
 MAX_SEED = 2**32 - 1
-DEMO_BASE = "base.safetensors"
-DEMO_CONTROL = "control.safetensors"
+DEMO_BASE = "demo_base.safetensors"  # names written by ctrlnet.training.demo ship
+DEMO_CONTROL = "demo_control_fill50k.safetensors"
 
 Progress = Callable[[int, int], None]
 

@@ -208,17 +208,21 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, hh, ww = x.shape
         x_in = x
+        # Keep one memory layout end to end: a channels-last input makes both reshapes free views,
+        # and a contiguous one gets contiguous tensors back (mixed layouts cost hidden copies).
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        x = x.permute(0, 2, 3, 1).reshape(b, hh * ww, -1)  # (B, H*W, C)
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, hh, ww)  # (B, C, H, W)
+        x = x.reshape(b, hh, ww, -1).permute(0, 3, 1, 2).contiguous(memory_format=fmt)  # (B, C, H, W)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
