@@ -117,3 +117,11 @@ def test_half_precision_and_low_vram_track_fp32():
         got = generate(load_models("random:tiny-sd1", ["random:a"], device="cpu", dtype=dt, low_vram=True), req).images[0]
         err = np.abs(got.astype(float) - ref.astype(float)).mean()
         assert err < tol, (dt, err)
+
+
+def test_channels_last_layout_gives_the_same_images():
+    req = GenerationRequest(prompt="x", controls=[ControlSpec(circle(64, 64))], resolution=64, steps=3, seed=2)
+    a = generate(load_models("random:tiny-sd1", ["random:a"], device="cpu", dtype="fp32", channels_last=False), req)
+    b = generate(load_models("random:tiny-sd1", ["random:a"], device="cpu", dtype="fp32", channels_last=True), req)
+    diff = np.abs(a.images[0].astype(int) - b.images[0].astype(int))
+    assert diff.max() <= 1

@@ -23,7 +23,7 @@ from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
-from ctrlnet.runtime.device import offload, resolve_device, resolve_dtype
+from ctrlnet.runtime.device import offload, resolve_device, resolve_dtype, use_channels_last
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser
 from ctrlnet.sampling.samplers import get_sampler
 from ctrlnet.sampling.schedule import DiscreteSchedule, get_sigmas, vp_scale
@@ -209,11 +209,13 @@ def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str 
 
 
 def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
-                dtype="auto", low_vram: bool = False, parameterization: str | None = None) -> Models:
+                dtype="auto", low_vram: bool = False, parameterization: str | None = None,
+                channels_last: bool | None = None) -> Models:
     """Load a base model and ControlNets by path (or ``"demo"``, ``"random:<preset>"``).
 
     ``base=None`` is the embedded demo model, with its ControlNet when ``controlnets`` is empty.
     ``low_vram`` keeps weights on the CPU and moves one stage at a time to the accelerator.
+    ``channels_last`` (default: on for CPU and CUDA) stores the UNet and ControlNets channels-last.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -244,6 +246,9 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
         m.to(dtype=dt)
         if not low_vram:
             m.to(dev)
+    if use_channels_last(dev, channels_last):
+        for m in (models.base.unet, *models.controlnets.values()):
+            m.to(memory_format=torch.channels_last)
     if dt == torch.float16:
         models.base.vae.float()  # the VAE decoder overflows in fp16 (as SD1.x VAEs are known to)
         if not low_vram:
