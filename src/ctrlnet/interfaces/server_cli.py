@@ -67,7 +67,8 @@ def _cmd_ui(args) -> int:
     loaded = load_from_args(args)
     app = webui.build_app(loaded, models_dir=args.models_dir, outputs_dir=args.outputs,
                           device=args.device, dtype=args.dtype)
-    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share)
+    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                  allowed_paths=[args.outputs])
     return 0
 
 
