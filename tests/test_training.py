@@ -308,3 +308,35 @@ def test_export_round_trip_keeps_the_config(tmp_path):
     cn = load_model_file(tmp_path / "cn.safetensors").controlnet
     for k, v in m.controlnet.state_dict().items():
         assert torch.equal(v, cn.state_dict()[k])
+
+
+# --- fidelity metric and CLI -----------------------------------------------------------------------
+
+
+def test_circle_score_measures_shape_and_colour():
+    from ctrlnet.training.builders import draw_fill50k
+    from ctrlnet.training.fidelity import circle_score
+
+    c, b = COLORS["red"], COLORS["navy"]
+    _, exact = draw_fill50k(128, (64, 64), 30, c, b)
+    s = circle_score(exact, (64, 64, 30), c, b)
+    assert s.iou > 0.97 and s.circle_error < 1 and s.background_error < 1
+    _, shifted = draw_fill50k(128, (84, 64), 30, c, b)  # moved by 20 px: IoU of two disks ~0.41
+    assert 0.3 < circle_score(shifted, (64, 64, 30), c, b).iou < 0.55
+    wrong = exact.copy()
+    wrong[exact[..., 2] == 128] = (0, 0, 168)  # background 40 levels off in blue
+    s = circle_score(wrong, (64, 64, 30), c, b)
+    assert s.iou > 0.97 and abs(s.background_error - 40 / 3) < 0.5
+
+
+def test_cli_data_commands(tmp_path, capsys):
+    from ctrlnet.interfaces.cli import main
+
+    assert main(["data", "fill50k", str(tmp_path / "d"), "--n", "3", "--size", "64"]) == 0
+    assert len(read_jsonl(tmp_path / "d" / "prompt.json")) == 3
+    assert main(["data", "check", str(tmp_path / "d")]) == 0
+    (tmp_path / "d" / "target" / "1.png").write_bytes(b"broken")
+    capsys.readouterr()
+    assert main(["data", "check", str(tmp_path / "d")]) == 1
+    out = capsys.readouterr().out
+    assert "target/1.png" in out and "2 of 3 examples are readable" in out

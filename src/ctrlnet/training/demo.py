@@ -40,7 +40,7 @@ class DemoRecipe:
     size: int = 128
     seed: int = 0
     vae_steps: int = 1500
-    vae_batch: int = 8
+    vae_batch: int = 4
     vae_lr: float = 5e-4
     vae_crop: int = 64
     vae_kl: float = 1e-6
@@ -172,12 +172,14 @@ def _latent_dataset(cache: Path) -> LatentDataset:
     return LatentDataset(c["moments"], c["hints"], c["prompts"])
 
 
-def stage_base(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, vae_file: Path, resume: bool) -> Path:
+def stage_base(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, vae_file: Path, resume: bool,
+               config: ModelConfig = DEMO) -> Path:
     sdir = out / "base"
     target = sdir / BASE_FILE
     if _done(sdir) and target.is_file():
         return target
-    config, vae = _load_vae(vae_file)
+    vae_config, vae = _load_vae(vae_file)
+    config = config.with_(vae=vae_config.vae)  # the trained VAE with its measured scale_factor
     models = build_models(config, seed=r.seed + 1)
     models.vae = vae
     cfg = TrainConfig(mode="base", steps=r.base_steps, batch_size=r.base_batch, lr=r.base_lr, warmup_steps=200,
@@ -202,7 +204,8 @@ def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base
     models = load_model_file(base_file, with_controlnet=True)
     cfg = TrainConfig(mode="controlnet", steps=r.cn_steps, batch_size=r.cn_batch, lr=r.cn_lr, warmup_steps=0,
                       prompt_dropout=r.cn_prompt_dropout, ema_decay=r.cn_ema, sd_locked=True,
-                      checkpoint_every=r.checkpoint_every, keep_last=2, sample_every=r.sample_every,
+                      checkpoint_every=r.checkpoint_every, keep_last=2, keep_every=r.sample_every,
+                      sample_every=r.sample_every,
                       seed=r.seed + 2, cpu=True)
     _log(f"ControlNet: {cfg.steps} steps of batch {cfg.batch_size}")
     res = train(models, _latent_dataset(cache), cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
@@ -238,7 +241,7 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
     if until == "vae":
         return files
     cache = stage_cache(out, train_dir, files["vae"])
-    files["base"] = stage_base(out, recipe, cache, held_dir, files["vae"], resume)
+    files["base"] = stage_base(out, recipe, cache, held_dir, files["vae"], resume, config)
     if until == "base":
         return files
     files["controlnet"] = stage_controlnet(out, recipe, cache, held_dir, files["base"], resume)

@@ -58,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: no EMA
     checkpoint_every: int = 500
     keep_last: int = 3
+    keep_every: int = 0  # also keep checkpoints at multiples of this (0: none)
     sample_every: int = 0  # 0: no sample grids
     sample_steps: int = 20
     sample_count: int = 4
@@ -301,7 +302,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 "rng": st.rng_state(), "micro_batches": micro_seen,
                 "train_config": asdict(cfg), "model_config": asdict(models.config),
             }
-            path = st.save_checkpoint(ckpt_dir, step_now, state, cfg.keep_last)
+            path = st.save_checkpoint(ckpt_dir, step_now, state, cfg.keep_last, cfg.keep_every)
             plot_loss(logger.csv_path, run_dir / "loss.png", f"{cfg.mode} training loss")
         accelerator.wait_for_everyone()
         return path

@@ -55,11 +55,14 @@ def atomic_torch_save(obj, path) -> Path:
     return path
 
 
-def save_checkpoint(folder, step: int, state: dict, keep_last: int = 3) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``."""
+def save_checkpoint(folder, step: int, state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``,
+    sparing those whose step is a multiple of ``keep_every`` (milestones for later evaluation)."""
     path = atomic_torch_save(dict(state, step=step), checkpoint_path(folder, step))
     if keep_last > 0:
-        for _, old in list_checkpoints(folder)[:-keep_last]:
+        for old_step, old in list_checkpoints(folder)[:-keep_last]:
+            if keep_every and old_step % keep_every == 0:
+                continue
             old.unlink(missing_ok=True)
     return path
 
