@@ -187,10 +187,11 @@ def test_truncated_safetensors(tmp_path):
         read_checkpoint(p)
 
 
-def test_random_bytes_named_pth(tmp_path):
-    p = tmp_path / "control_sd15_canny.pth"
+@pytest.mark.parametrize("name", ["control_sd15_canny.pth", "model.safetensors", "x.ckpt"])
+def test_random_bytes(tmp_path, name):
+    p = tmp_path / name
     p.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="control_sd15_canny.pth"):
+    with pytest.raises(CheckpointError, match=name):
         read_checkpoint(p)
 
 
