@@ -10,6 +10,7 @@ and the ratio diffusers / ours (> 1 means ours is faster).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -29,14 +30,17 @@ def _randomize(m: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 / fan_in**0.5 if p.ndim > 1 else 0.02))
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
+def _time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call, alternating the candidates each round so load drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -88,26 +92,25 @@ def main() -> None:
             down, mid = d_cn(xs, ts, cs, controlnet_cond=hs, return_dict=False)
             return d_unet(xs, ts, cs, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-        @torch.inference_mode()
-        def ours_cl():
-            return unet(xs_cl, ts, cs, control=cn(xs_cl, hs_cl, ts, cs))
-
         a, bb = ours().float(), theirs().float()
         diff = (a - bb).abs().max().item()
         scale = bb.abs().max().item()
         tol = 1e-3 if dt == torch.float32 else 0.1
         status = "match" if diff <= tol * max(1.0, scale) else "MISMATCH"
-        t_ours = _time(ours, args.repeats)
-        t_theirs = _time(theirs, args.repeats)
-        # the channels-last layout the pipeline uses (ctrlnet.runtime.device.prepare_module)
-        for m in (unet, cn):
-            m.to(memory_format=torch.channels_last)
         xs_cl = xs.contiguous(memory_format=torch.channels_last)
         hs_cl = hs.contiguous(memory_format=torch.channels_last)
+        unet_cl, cn_cl = copy.deepcopy(unet).to(memory_format=torch.channels_last), copy.deepcopy(cn).to(
+            memory_format=torch.channels_last)
+
+        @torch.inference_mode()
+        def ours_cl():
+            # the channels-last layout the pipeline uses on CPU and CUDA (load_models(channels_last=None))
+            return unet_cl(xs_cl, ts, cs, control=cn_cl(xs_cl, hs_cl, ts, cs))
+
         diff_cl = (ours_cl().float() - bb).abs().max().item()
-        t_cl = _time(ours_cl, args.repeats)
-        for m in (unet, cn):
-            m.to(memory_format=torch.contiguous_format)
+        t = _time_interleaved({"ours": ours, "cl": ours_cl, "diffusers": theirs}, args.repeats)
+        t_ours, t_cl, t_theirs = t["ours"], t["cl"], t["diffusers"]
+        del unet_cl, cn_cl
         print(f"{name}: outputs {status} (max abs diff {diff:.2e}, channels-last {diff_cl:.2e}, output max {scale:.2f})\n"
               f"  ours {t_ours:.3f} s/step, ours channels-last {t_cl:.3f} s/step, diffusers {t_theirs:.3f} s/step\n"
               f"  ratio diffusers/ours = {t_theirs / t_ours:.3f}, diffusers/ours-channels-last = {t_theirs / t_cl:.3f}")
