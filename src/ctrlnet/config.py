@@ -11,12 +11,11 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
-class UNetConfig:
-    """``unet_config.params`` of the original yaml files."""
+class _EncoderLayout:
+    """The params the UNet and its ControlNet copy share."""
 
     image_size: int = 32  # unused, kept for one-to-one mapping
     in_channels: int = 4
-    out_channels: int = 4
     model_channels: int = 320
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_res_blocks: int = 2
@@ -35,27 +34,17 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
-class ControlNetConfig:
+class UNetConfig(_EncoderLayout):
+    """``unet_config.params`` of the original yaml files."""
+
+    out_channels: int = 4
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(_EncoderLayout):
     """``control_stage_config.params`` of the original yaml files."""
 
-    image_size: int = 32
-    in_channels: int = 4
     hint_channels: int = 3
-    model_channels: int = 320
-    attention_resolutions: tuple[int, ...] = (4, 2, 1)
-    num_res_blocks: int = 2
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_heads: int = 8
-    num_head_channels: int = -1
-    use_spatial_transformer: bool = True
-    use_linear_in_transformer: bool = False
-    transformer_depth: int = 1
-    context_dim: int = 768
-    legacy: bool = False
-    use_checkpoint: bool = False
-
-    def kwargs(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_unet(cls, unet: UNetConfig, hint_channels: int = 3) -> "ControlNetConfig":

@@ -72,27 +72,19 @@ class ReferenceControlNet(ControlNet):
         x = torch.cat([x, latent_cond.to(x.dtype)], dim=1)  # (B, 4 + R, h, w)
         return super().forward(x, hint, timesteps, context)
 
+    def weights_from_unet(self, unet_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet encoder's tensors, with the first conv widened: new reference channels start at zero."""
+        copied = super().weights_from_unet(unet_sd)
+        first = unet_sd[FIRST_CONV]  # (C, 4, 3, 3)
+        wide = torch.zeros_like(self.state_dict()[FIRST_CONV])
+        wide[:, : first.shape[1]] = first
+        copied[FIRST_CONV] = wide
+        return copied
+
     @classmethod
     def from_unet(cls, unet: UNetModel, hint_channels: int = 3, ref_channels: int = 4) -> "ReferenceControlNet":
         """A new model: the UNet encoder copied, the extra input weights and the zero convs at zero."""
-        params = dict(unet.config_params())
-        params.pop("out_channels")
-        net = cls(ref_channels=ref_channels, hint_channels=hint_channels, **params)
-        p = next(unet.parameters())
-        net.to(device=p.device, dtype=p.dtype)
-        src = unet.state_dict()
-        own = net.state_dict()
-        copied = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-        first = src[FIRST_CONV]  # (C, 4, 3, 3)
-        wide = torch.zeros_like(own[FIRST_CONV])
-        wide[:, : first.shape[1]] = first  # new reference channels start at zero
-        copied[FIRST_CONV] = wide
-        missing = [k for k in own if k.startswith(("time_embed.", "input_blocks.", "middle_block."))
-                   and k not in copied]
-        if missing:
-            raise ValueError(f"UNet does not match the ControlNet encoder; missing {missing[:5]}")
-        net.load_state_dict(copied, strict=False)
-        return net
+        return super().from_unet(unet, hint_channels=hint_channels, ref_channels=ref_channels)
 
 
 def build_from_state_dict(sd: dict[str, torch.Tensor], base: ModelConfig) -> ReferenceControlNet:

@@ -78,6 +78,11 @@ class ControlNet(Encoder):
         outs.append(self.middle_block_out(h, emb, context))
         return outs
 
+    def weights_from_unet(self, unet_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet tensors this network starts from: every key it shares with the same shape."""
+        own = self.state_dict()
+        return {k: v for k, v in unet_sd.items() if k in own and own[k].shape == v.shape}
+
     @classmethod
     def from_unet(cls, unet: UNetModel, hint_channels: int = 3, **overrides) -> "ControlNet":
         """A new ControlNet whose encoder copies ``unet``'s weights (``tool_add_control.py``).
@@ -88,12 +93,10 @@ class ControlNet(Encoder):
         params.pop("out_channels")
         params.update(hint_channels=hint_channels, **overrides)
         net = cls(**params)
-        device = next(unet.parameters()).device
-        dtype = next(unet.parameters()).dtype
-        net.to(device=device, dtype=dtype)
-        own = net.state_dict()
-        copied = {k: v for k, v in unet.state_dict().items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k.startswith(("time_embed.", "input_blocks.", "middle_block."))
+        p = next(unet.parameters())
+        net.to(device=p.device, dtype=p.dtype)
+        copied = net.weights_from_unet(unet.state_dict())
+        missing = [k for k in net.state_dict() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))
                    and k not in copied]
         if missing:
             raise ValueError(f"UNet does not match the ControlNet encoder; missing {missing[:5]}")
