@@ -31,7 +31,8 @@ _register("lineart_anime", "lineart_anime")
 _register("depth", "depth")
 _register("normal", "normal")
 _register("seg", "seg")
-_register("pose_mediapipe", "pose_mediapipe")
+# No "pose_mediapipe": mediapipe 0.10.21 (the last wheel with its models inside) pins numpy<2 and
+# protobuf 4.25, so even as an optional extra it would downgrade the main install's numpy.
 
 
 def list_annotators() -> list[str]:
