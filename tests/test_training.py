@@ -279,6 +279,14 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     assert [p.name for p in folder.iterdir()] == ["checkpoint-00000001.pt"]  # no temp file left
     path, state = st.load_latest(folder)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    # keep_last prunes, keep_every spares milestones
+    for step in range(2, 7):
+        st.save_checkpoint(folder, step, {"w": torch.ones(1)}, keep_last=2, keep_every=3)
+    assert [s for s, _ in st.list_checkpoints(folder)] == [3, 5, 6]
+    for p in folder.iterdir():
+        if p.name != "checkpoint-00000001.pt":
+            p.unlink()
+    st.save_checkpoint(folder, 1, {"w": torch.ones(3)})
     # a damaged newest file is skipped with a warning naming it
     (folder / "checkpoint-00000003.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="checkpoint-00000003"):
