@@ -2,7 +2,6 @@
 
 import os
 import pickle
-from dataclasses import replace
 
 import pytest
 import torch

@@ -29,7 +29,7 @@ def test_unet_matches_diffusers(name):
     ours = randomize_(UNetModel(**cfg.unet.kwargs())).eval()
     params = ours.config_params()
     theirs = diffusers.UNet2DConditionModel(**{k: v for k, v in du.diffusers_config(params).items() if not k.startswith("_")}).eval()
-    missing, unexpected = theirs.load_state_dict(du.to_diffusers(ours.state_dict(), params), strict=True), None
+    theirs.load_state_dict(du.to_diffusers(ours.state_dict(), params), strict=True)
     x, t, ctx, _ = _inputs(cfg)
     with torch.no_grad():
         a = ours(x, t, ctx)

@@ -339,7 +339,7 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
         req.added_prompt = models.defaults.get("added_prompt", "")
     if req.negative_prompt is None:
         req.negative_prompt = models.defaults.get("negative_prompt", "")
-    dev, dt, n = models.device, models.dtype, req.num_images
+    dev, n = models.device, req.num_images
 
     # control maps: the first decides the size; the others are resized to it
     maps, controls, size = [], [], None

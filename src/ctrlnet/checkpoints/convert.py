@@ -16,7 +16,8 @@ import torch
 
 from ctrlnet.checkpoints import detect
 from ctrlnet.checkpoints.io import CheckpointError, read_checkpoint
-from ctrlnet.checkpoints.load import BaseModels, config_to_json, load_base, load_controlnet
+from ctrlnet.checkpoints.load import BaseModels, load_base, load_controlnet
+from ctrlnet.checkpoints.save import config_to_json
 from ctrlnet.config import ModelConfig
 
 TEXT_PREFIX = {"clip": detect.CLIP_PREFIX, "openclip": detect.OPENCLIP_PREFIX}

@@ -6,9 +6,8 @@ A missing or unexpected key is an error that names the keys; only documented har
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +15,8 @@ from torch import nn
 
 from ctrlnet.checkpoints import detect
 from ctrlnet.checkpoints.io import Checkpoint, CheckpointError, read_checkpoint
-from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ctrlnet.checkpoints.save import config_from_json
+from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import HARMLESS_KEYS as TEXT_HARMLESS
 from ctrlnet.models.text_encoder import TextEncoder, build_text_encoder
@@ -67,22 +67,6 @@ def _meta(factory):
         return factory()
 
 
-def config_from_dict(d: Mapping) -> ModelConfig:
-    """A ModelConfig from the JSON dict stored in files we write (``ctrlnet_config``)."""
-    def tup(x):
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}
-
-    return ModelConfig(
-        name=d.get("name", "custom"), unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
-        text=TextEncoderConfig(**tup(d["text"])), schedule=ScheduleConfig(**d.get("schedule", {})),
-        hint_channels=d.get("hint_channels", 3),
-    )
-
-
-def config_to_json(cfg: ModelConfig) -> str:
-    return json.dumps(asdict(cfg))
-
-
 def _unet_config(params: dict) -> UNetConfig:
     fields = UNetConfig.__dataclass_fields__
     return UNetConfig(**{k: v for k, v in params.items() if k in fields})
@@ -92,7 +76,7 @@ def infer_model_config(ckpt: Checkpoint, layout: detect.Layout, parameterization
     """The stored config if the file has one, else one inferred from the tensor shapes."""
     stored = ckpt.config
     if stored is not None:
-        cfg = config_from_dict(stored)
+        cfg = config_from_json(stored)
     else:
         sd = ckpt.state_dict
         try:
@@ -160,7 +144,7 @@ def controlnet_state_dict(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], di
     stored = ckpt.config
     if stored is not None:
         hint_channels = csd["input_hint_block.0.weight"].shape[1]
-        params = config_from_dict(stored).unet.kwargs()
+        params = config_from_json(stored).unet.kwargs()
         params.pop("out_channels")
         params["hint_channels"] = hint_channels
     else:
