@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ctrlnet.colorize.reference_model import KIND_KEY, ReferenceControlNet
+from ctrlnet.training.state import prepare_build_dir
 
 TRAINED_FILE = "colorize_reference.safetensors"
 
@@ -178,12 +179,7 @@ def stage_train(out: Path, r: ColorizeRecipe, cache: Path, models, resume: bool)
 
 def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", resume: bool = False) -> Path:
     """Run (or continue) every stage; returns the trained colorizer file."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
-    out.mkdir(parents=True, exist_ok=True)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
+    out = prepare_build_dir(out, resume, recipe.threads)
     (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
     base_path = resolve_base(base)
     train_videos, _ = stage_videos(out, recipe)

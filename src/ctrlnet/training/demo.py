@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from ctrlnet.config import DEMO, ModelConfig
-from ctrlnet.training.builders import make_fill50k, read_jsonl
+from ctrlnet.training.builders import make_fill50k
 from ctrlnet.training.data import LatentDataset, collate, prompt_json_dataset
 from ctrlnet.training.loop import TrainConfig, export_result, train
 from ctrlnet.training.models import TrainModels, build_models, load_model_file
+from ctrlnet.training.state import prepare_build_dir
 
 BASE_FILE = "demo_base.safetensors"
 CONTROL_FILE = "demo_control_fill50k.safetensors"
@@ -220,12 +221,7 @@ def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base
 def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: ModelConfig = DEMO,
           until: str | None = None) -> dict[str, Path]:
     """Run (or continue) every stage; returns the files made. ``until`` stops after that stage."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
-    out.mkdir(parents=True, exist_ok=True)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
+    out = prepare_build_dir(out, resume, recipe.threads)
     rfile = out / "recipe.json"
     if rfile.is_file():
         stored = json.loads(rfile.read_text())

@@ -21,6 +21,17 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
+def prepare_build_dir(out, resume: bool, threads: int = 0) -> Path:
+    """The folder of a multi-stage recipe run: refuse to reuse a non-empty one unless resuming."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    return out
+
+
 def checkpoint_path(folder, step: int) -> Path:
     return Path(folder) / f"checkpoint-{step:08d}.pt"
 
