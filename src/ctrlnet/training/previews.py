@@ -70,7 +70,7 @@ def sample_grid(models, batch: dict, mode: str, steps: int = 20, guidance_scale:
                          1.0, only_mid_control, seed)
     pred = to_uint8(vae.decode(z))
     if mode == "controlnet":
-        rows.append(to_uint8(hint * 2 - 1))
+        rows.append(to_uint8(hint[:, :3] * 2 - 1))  # packed hints (reference colorizer) carry more channels
     if target is not None:
         rows.append(to_uint8(target.permute(0, 3, 1, 2).float()))
     elif "latents" in batch:
