@@ -50,3 +50,14 @@ def test_annotate_command(tmp_path):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "ctrlnet.interfaces.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "annotate" in r.stdout
+
+
+def test_every_subcommand_has_help(capsys):
+    import pytest
+
+    for cmd in (["generate"], ["annotate"], ["train"], ["data"], ["data", "video-pairs"], ["data", "fill50k"],
+                ["add-control"], ["convert"], ["models"], ["ui"], ["serve"], ["colorize"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0, cmd
+        assert "usage: ctrlnet " + " ".join(cmd) in capsys.readouterr().out

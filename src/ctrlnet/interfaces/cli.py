@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # so a partial install (no training extras, say) still has a working CLI.
 _PLUGINS = [
     ("ctrlnet.interfaces.train_cli", ("add_train_parser", "add_data_parser", "add_add_control_parser")),
-    ("ctrlnet.interfaces.colorize_cli", ("add_colorize_parser", "add_video_pairs_parser")),
+    ("ctrlnet.interfaces.colorize_cli", ("add_colorize_parser",)),
     ("ctrlnet.interfaces.convert_cli", ("add_convert_parser",)),
     ("ctrlnet.interfaces.models_cli", ("add_models_parser",)),
     ("ctrlnet.interfaces.server_cli", ("add_ui_parser", "add_serve_parser")),

@@ -163,6 +163,9 @@ def add_data_parser(sub) -> None:
         formatter_class=RAW,
     )
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    from ctrlnet.interfaces.colorize_cli import add_video_pairs_parser
+
+    add_video_pairs_parser(dsub)  # `ctrlnet data video-pairs`, defined with the colorizer
     f = dsub.add_parser("fill50k", help="circle outlines -> filled circles, prompts naming the colours")
     f.add_argument("out")
     f.add_argument("--n", type=int, default=50000)
