@@ -205,4 +205,5 @@ def test_browser_scribble_canvas(served):
     # the drawn stroke became a white line on black, running down-right across the middle
     assert m.shape == (256, 256) and 0.005 < (m > 127).mean() < 0.25
     ys, xs = np.nonzero(m > 127)
-    assert np.corrcoef(xs, ys)[0, 1] > 0.9 and m[:, :40].max() < 128
+    # (where on the page the stroke lands depends on the canvas zoom Gradio picks, so only its direction is checked)
+    assert np.corrcoef(xs, ys)[0, 1] > 0.9 and xs.max() - xs.min() > 64 and ys.max() - ys.min() > 64
