@@ -19,6 +19,8 @@ from typing import Callable, Hashable
 import torch
 from torch import nn
 
+from ctrlnet.checkpoints.keys import key_problems
+
 HUB_REPO = "lllyasviel/Annotators"
 ENV_DIR = "CTRLNET_ANNOTATOR_DIR"
 
@@ -149,23 +151,9 @@ def load_state_dict(path: str | os.PathLike, strip_prefix: str = "module.") -> d
 
 def check_keys(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Raise :class:`WeightsError` listing missing, unexpected and mis-shaped keys by name."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not k.endswith(OPTIONAL_SUFFIXES)]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
-        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
+    problems = key_problems(model.state_dict(), sd, optional=OPTIONAL_SUFFIXES)
+    if problems:
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
 
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "state dict") -> nn.Module:

@@ -90,25 +90,8 @@ def _convert_key(key: str, prefixes: dict[str, str], resnet: dict[str, str]) -> 
     return None
 
 
-def to_diffusers(sd: Mapping[str, torch.Tensor], params: Mapping, kind: str = "unet") -> dict[str, torch.Tensor]:
-    """Our state dict -> diffusers keys. Raises on any key the map does not cover."""
-    prefixes = module_map(params, kind)
-    out, unknown = {}, []
-    for k, v in sd.items():
-        nk = _convert_key(k, prefixes, _RESNET)
-        if nk is None:
-            unknown.append(k)
-        else:
-            out[nk] = v
-    if unknown:
-        raise KeyError(f"keys with no diffusers equivalent: {unknown[:10]}")
-    return out
-
-
-def from_diffusers(sd: Mapping[str, torch.Tensor], params: Mapping, kind: str = "unet") -> dict[str, torch.Tensor]:
-    """diffusers keys -> our state dict. Raises on any key the map does not cover."""
-    prefixes = {v: k for k, v in module_map(params, kind).items()}
-    resnet = {v: k for k, v in _RESNET.items()}
+def _rename_all(sd: Mapping[str, torch.Tensor], prefixes: dict[str, str], resnet: dict[str, str],
+                what: str) -> dict[str, torch.Tensor]:
     out, unknown = {}, []
     for k, v in sd.items():
         nk = _convert_key(k, prefixes, resnet)
@@ -117,8 +100,20 @@ def from_diffusers(sd: Mapping[str, torch.Tensor], params: Mapping, kind: str = 
         else:
             out[nk] = v
     if unknown:
-        raise KeyError(f"diffusers keys with no equivalent in our layout: {unknown[:10]}")
+        raise KeyError(f"{what}: {unknown[:10]}")
     return out
+
+
+def to_diffusers(sd: Mapping[str, torch.Tensor], params: Mapping, kind: str = "unet") -> dict[str, torch.Tensor]:
+    """Our state dict -> diffusers keys. Raises on any key the map does not cover."""
+    return _rename_all(sd, module_map(params, kind), _RESNET, "keys with no diffusers equivalent")
+
+
+def from_diffusers(sd: Mapping[str, torch.Tensor], params: Mapping, kind: str = "unet") -> dict[str, torch.Tensor]:
+    """diffusers keys -> our state dict. Raises on any key the map does not cover."""
+    prefixes = {v: k for k, v in module_map(params, kind).items()}
+    resnet = {v: k for k, v in _RESNET.items()}
+    return _rename_all(sd, prefixes, resnet, "diffusers keys with no equivalent in our layout")
 
 
 def diffusers_config(params: Mapping, kind: str = "unet") -> dict:

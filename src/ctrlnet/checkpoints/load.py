@@ -15,6 +15,7 @@ from torch import nn
 
 from ctrlnet.checkpoints import detect
 from ctrlnet.checkpoints.io import Checkpoint, CheckpointError, read_checkpoint
+from ctrlnet.checkpoints.keys import key_problems
 from ctrlnet.checkpoints.save import config_from_json
 from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from ctrlnet.models.controlnet import ControlNet
@@ -40,17 +41,7 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
               harmless: tuple[str, ...] = (), dtype: torch.dtype | None = None) -> nn.Module:
     """Load ``sd`` into a meta-built ``module`` (assign=True); name missing/unexpected keys."""
     own = module.state_dict()
-    unexpected = [k for k in sd if k not in own and not any(h in k for h in harmless)]
-    missing = [k for k in own if k not in sd]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys, e.g. {missing[:8]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:8]}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatches, e.g. {wrong[:4]}")
+    problems = key_problems(own, sd, harmless=harmless)
     if problems:
         raise CheckpointError(f"{path}: the {what} weights do not fit the {what} architecture: " + "; ".join(problems))
     tensors = {k: (v.to(dtype or own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items() if k in own}
