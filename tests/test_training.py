@@ -264,6 +264,29 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(fill, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_gradient_checkpointing_gives_the_same_update(fill, tmp_path):
+    ds = prompt_json_dataset(fill, resolution=64)
+    plain, ckpt = _models(), _models()
+    train(plain, ds, _cfg(steps=2, prompt_dropout=0.0), tmp_path / "plain")
+    train(ckpt, ds, _cfg(steps=2, prompt_dropout=0.0, gradient_checkpointing=True), tmp_path / "ckpt")
+    assert any(getattr(m, "use_checkpoint", False) for m in ckpt.controlnet.modules())
+    for k, v in plain.controlnet.state_dict().items():
+        torch.testing.assert_close(ckpt.controlnet.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_bf16_mixed_precision_trains_fp32_master_weights(fill, tmp_path):
+    ds = prompt_json_dataset(fill, resolution=64)
+    m = _models()
+    before = {k: v.clone() for k, v in m.controlnet.state_dict().items()}
+    res = train(m, ds, _cfg(steps=2, mixed_precision="bf16"), tmp_path)
+    assert all(np.isfinite(res.losses))
+    sd = m.controlnet.state_dict()
+    assert all(v.dtype == torch.float32 for v in sd.values())  # autocast computes in bf16, stores fp32
+    assert any(not torch.equal(before[k], v) for k, v in sd.items())
+    with pytest.raises(ValueError, match="mixed_precision"):
+        _cfg(mixed_precision="fp8")
+
+
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     folder = tmp_path / "ck"
     st.save_checkpoint(folder, 1, {"w": torch.ones(3)})

@@ -177,13 +177,17 @@ def stage_train(out: Path, r: ColorizeRecipe, cache: Path, models, resume: bool)
     return target
 
 
-def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", resume: bool = False) -> Path:
-    """Run (or continue) every stage; returns the trained colorizer file."""
+def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", resume: bool = False,
+          until: str | None = None) -> Path:
+    """Run (or continue) every stage; returns the trained colorizer file (or, with
+    ``until="pairs"``, the pairs folder: the data stages need no base model)."""
     out = prepare_build_dir(out, resume, recipe.threads)
     (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
-    base_path = resolve_base(base)
     train_videos, _ = stage_videos(out, recipe)
     data = stage_pairs(out, recipe, train_videos)
+    if until == "pairs":
+        return data
+    base_path = resolve_base(base)
     models = train_models(base_path, seed=recipe.seed)
     cache = stage_cache(out, data, models)
     return stage_train(out, recipe, cache, models, resume)
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     b.add_argument("--size", type=int, default=None, help="clip size in pixels (default 128)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
+    b.add_argument("--until", choices=["pairs"], default=None,
+                   help="stop after the data stages (they need no base model)")
     s = sub.add_parser("ship", help="write the trained colorizer as fp16 into the package assets")
     s.add_argument("out")
     s.add_argument("dest", nargs="?", default=None)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             r = replace(r, steps=args.steps)
         if args.size is not None:
             r = replace(r, size=args.size)
-        print(build(args.out, r, base=args.base, resume=args.resume))
+        print(build(args.out, r, base=args.base, resume=args.resume, until=args.until))
     else:
         ship(args.out, args.dest)
     return 0

@@ -45,6 +45,10 @@ class DemoRecipe:
     vae_lr: float = 5e-4
     vae_crop: int = 64
     vae_kl: float = 1e-6
+    vae_whole_steps: int = 2000
+    vae_whole_batch: int = 4
+    vae_whole_lr: float = 2e-4
+    vae_whole_size: int = 64
     base_steps: int = 5000
     base_batch: int = 32
     base_lr: float = 3e-4
@@ -61,7 +65,7 @@ class DemoRecipe:
 
     def quick(self) -> "DemoRecipe":
         """A minutes-long smoke version of the same recipe."""
-        return replace(self, n_train=64, n_heldout=8, vae_steps=4, base_steps=4, cn_steps=4, vae_batch=2,
+        return replace(self, n_train=64, n_heldout=8, vae_steps=4, vae_whole_steps=2, base_steps=4, cn_steps=4, vae_batch=2,
                        base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
 
 
@@ -105,32 +109,65 @@ def latent_scale(models: TrainModels, data_dir: Path, n: int = 256) -> float:
     return float(1.0 / z.flatten().std())
 
 
+def reconstruction_error(vae, data_dir: Path, n: int = 50) -> float:
+    """Mean absolute error of the VAE's round trip on ``data_dir``'s targets, in 0-255 levels."""
+    ds = prompt_json_dataset(data_dir, random_crop=False)
+    errs = []
+    with torch.no_grad():
+        for i in range(min(n, len(ds))):
+            x = torch.as_tensor(ds[i]["jpg"]).permute(2, 0, 1)[None]
+            y = vae.decode(vae.encode(x).mode() * vae.scale_factor).clamp(-1, 1)
+            errs.append(float((y - x).abs().mean()) * 127.5)
+    return sum(errs) / len(errs)
+
+
 def stage_vae(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, config: ModelConfig,
               resume: bool) -> Path:
-    sdir = out / "vae"
+    """The VAE in two phases: native-scale crops (cheap steps that learn edges), then whole
+    images at ``vae_whole_size``. The second phase is needed because GroupNorm over a crop of
+    one flat colour has no variance to keep, so crops alone never learn absolute colour; a whole
+    fill50k image always holds two colours, and resizing keeps their area ratio, which is what
+    the norms' statistics see at 128 px too."""
+    crops = _train_vae(out / "vae", r, held_dir, config, resume, None,
+                       prompt_json_dataset(train_dir, crop_size=r.vae_crop), r.vae_steps, r.vae_batch, r.vae_lr,
+                       f"{r.vae_crop}px crops")
+    if r.vae_whole_steps <= 0:
+        return crops
+    cfg, vae = _load_vae(crops)
+    return _train_vae(out / "vae_whole", r, held_dir, cfg, resume, vae,
+                      prompt_json_dataset(train_dir, resolution=r.vae_whole_size), r.vae_whole_steps,
+                      r.vae_whole_batch, r.vae_whole_lr, f"whole images at {r.vae_whole_size}px")
+
+
+def _train_vae(sdir: Path, r: DemoRecipe, held_dir: Path, config: ModelConfig, resume: bool, vae, ds,
+               steps: int, batch: int, lr: float, what: str) -> Path:
     target = sdir / "vae.safetensors"
     if _done(sdir) and target.is_file():
         return target
     models = build_models(config, seed=r.seed)
     models.unet = None  # the VAE stage needs only the VAE; the text tower is built for the file
-    ds = prompt_json_dataset(train_dir, crop_size=r.vae_crop)
-    cfg = TrainConfig(mode="vae", steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, kl_weight=r.vae_kl,
+    if vae is not None:
+        models.vae = vae.train()
+    cfg = TrainConfig(mode="vae", steps=steps, batch_size=batch, lr=lr, kl_weight=r.vae_kl,
                       warmup_steps=50, lr_decay="cosine", checkpoint_every=r.checkpoint_every, keep_last=2,
                       sample_every=r.sample_every, seed=r.seed, cpu=True)
-    _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {r.vae_crop}px crops")
+    _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {what}")
     res = train(models, ds, cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
     if res.step < cfg.steps:
         raise SystemExit(f"VAE stage stopped at step {res.step}; rerun with --resume")
     models.vae.eval()
-    scale = latent_scale(models, train_dir)
+    scale = latent_scale(models, Path(ds.root))
     config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
     models.config = config
     models.vae.scale_factor = config.vae.scale_factor
     from ctrlnet.checkpoints.save import save_model_file
 
     save_model_file(target, {"first_stage_model.": models.vae.state_dict()}, config)
-    _mark_done(sdir, {"step": res.step, "loss": res.last_loss, "scale_factor": config.vae.scale_factor})
-    _log(f"VAE done: loss {res.last_loss:.4f}, scale_factor {config.vae.scale_factor}")
+    err = reconstruction_error(models.vae, held_dir)
+    _mark_done(sdir, {"step": res.step, "loss": res.last_loss, "scale_factor": config.vae.scale_factor,
+                      "heldout_error_levels": round(err, 2)})
+    _log(f"VAE done: loss {res.last_loss:.4f}, scale_factor {config.vae.scale_factor}, "
+         f"held-out round-trip error {err:.1f} levels")
     return target
 
 

@@ -184,6 +184,17 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def _release_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    precision; a process that trains twice (tests, a service, a notebook) may ask for a new one.
+    Only the precision part is dropped: the process group (``PartialState``) stays."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class _StopFlag:
     """SIGTERM/SIGINT -> finish the step, write a checkpoint, stop (the main thread only)."""
 
@@ -223,6 +234,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if accelerator is None:
+        _release_precision(cfg.mixed_precision)
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
