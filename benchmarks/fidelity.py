@@ -65,6 +65,10 @@ def main() -> None:
     else:
         base, control = ASSETS / BASE_FILE, ASSETS / CONTROL_FILE
     models = load(base, control)
+    decoder = args.build / "decoder" / "vae.safetensors" if args.build else None
+    if decoder and decoder.is_file():  # the recipe ships the refined decoder (same latent space)
+        models.vae = load_model_file(decoder).vae.eval()
+        print(f"VAE: {decoder}")
     size = 2 ** (len(models.config.vae.ch_mult) - 1) * 16  # 128 for the demo
     tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
     make_fill50k(tmp, args.n, size, seed=HELDOUT_SEED)

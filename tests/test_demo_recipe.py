@@ -1,4 +1,4 @@
-"""The embedded model's recipe end to end at smoke size: data -> VAE (crops, then whole images)
+"""The embedded model's recipe end to end at smoke size: data -> VAE -> decoder (beside base)
 -> base -> ControlNet -> shipped fp16 files that the pipeline loads and samples from."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("accelerate")
 
@@ -18,21 +20,28 @@ def test_quick_recipe_builds_resumes_and_ships(tmp_path):
 
     r = replace(DemoRecipe().quick(), n_train=8, n_heldout=2, sample_every=0)
     run = tmp_path / "run"
-    build(run, r, until="vae")
-    assert json.loads((run / "vae_whole" / "DONE.json").read_text())["step"] == r.vae_whole_steps
+    files = build(run, r, skip=("decoder",))  # as the first of two processes would
+    assert not (run / "decoder").exists() and (run / "controlnet" / "DONE.json").is_file()
+    first = load_file(str(ship(run, tmp_path / "early")[0]))  # before the decoder stage: the first VAE
+    k = next(k for k in first if ".decoder." in k)
+    assert torch.equal(first[k], load_file(str(files["vae"]))[k].half())
     with pytest.raises(SystemExit, match="--resume"):
         build(run, r)
-    files = build(run, r, resume=True)  # the finished VAE phases are kept, the rest is built
-    assert files["vae"] == run / "vae_whole" / "vae.safetensors"
-    for stage in ("vae", "vae_whole", "base", "controlnet"):
+    assert build(run, r, resume=True, until="decoder")["decoder"] == run / "decoder" / "vae.safetensors"
+    for stage in ("vae", "decoder", "base", "controlnet"):
         assert (run / stage / "DONE.json").is_file(), stage
+    vae_sd, dec_sd = load_file(str(files["vae"])), load_file(str(run / "decoder" / "vae.safetensors"))
+    enc = [k for k in vae_sd if ".encoder." in k or ".quant_conv." in k]
+    assert enc and all(torch.equal(vae_sd[k], dec_sd[k]) for k in enc)  # the latent space is kept
+    assert any(not torch.equal(vae_sd[k], dec_sd[k]) for k in vae_sd if ".decoder." in k)
     shipped = ship(run, tmp_path / "assets")
+    assert torch.equal(load_file(str(shipped[0]))[k], dec_sd[k].half())
     assert [p.name for p in shipped] == [BASE_FILE, CONTROL_FILE]
     assert sum(p.stat().st_size for p in shipped) < 30 * 2**20
 
     models = load_models(str(shipped[0]), [str(shipped[1])], device="cpu")
     assert models.config.vae.scale_factor == pytest.approx(
-        json.loads((run / "vae_whole" / "DONE.json").read_text())["scale_factor"], rel=1e-3)
+        json.loads((run / "vae" / "DONE.json").read_text())["scale_factor"], rel=1e-3)
     hint = np.zeros((128, 128, 3), np.uint8)
     hint[40:90, 40:90] = 255
     res = generate(models, GenerationRequest(prompt="red circle with blue background", steps=2, seed=1,

@@ -183,6 +183,8 @@ def test_tiers_train_exactly_the_right_parameters():
     mid = select_trainable(m, "controlnet", only_mid_control=True)
     assert sum(p.numel() for p in mid.values()) == cn - _count(m.controlnet.zero_convs)
     assert all(not k.startswith("controlnet.zero_convs.") for k in mid)
+    dec = select_trainable(m, "vae", train_encoder=False)
+    assert sum(p.numel() for p in dec.values()) == _count(m.vae.decoder) + _count(m.vae.post_quant_conv)
     base = select_trainable(m, "base")
     assert sum(p.numel() for p in base.values()) == _count(unet) + _count(m.text)
     # requires_grad agrees with the selection everywhere

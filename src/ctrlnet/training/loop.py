@@ -53,6 +53,8 @@ class TrainConfig:
     train_text: bool = True  # base mode
     prompt_dropout: float = 0.5
     kl_weight: float = 1e-6  # vae mode
+    train_encoder: bool = True  # vae mode: False trains only the decoder, on the frozen encoder's mean latents
+    sample_latents: bool = True  # cached moments: False trains on the posterior mean (a deterministic AE)
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA
@@ -158,12 +160,17 @@ class VAEObjective(nn.Module):
     """Reconstruction L1 + ``kl_weight`` * KL (per pixel and per latent element, as LDM's
     LPIPSWithDiscriminator without the LPIPS and GAN terms)."""
 
-    def __init__(self, models: TrainModels, kl_weight: float):
+    def __init__(self, models: TrainModels, kl_weight: float, train_encoder: bool = True):
         super().__init__()
         self.vae = models.vae
         self.kl_weight = kl_weight
+        self.train_encoder = train_encoder
 
     def forward(self, x: torch.Tensor, noise_seed: torch.Tensor) -> torch.Tensor:
+        if not self.train_encoder:  # the latent space is fixed; the decoder learns to read its means
+            with torch.no_grad():
+                z = self.vae.encode(x).mean
+            return (self.vae._decode_unscaled(z).float() - x.float()).abs().mean()
         post = self.vae.encode(x)
         g = torch.Generator(device="cpu").manual_seed(int(noise_seed))
         z = post.sample(g)
@@ -243,7 +250,8 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
 
-    trainable = select_trainable(models, cfg.mode, cfg.sd_locked, cfg.only_mid_control, cfg.train_text)
+    trainable = select_trainable(models, cfg.mode, cfg.sd_locked, cfg.only_mid_control, cfg.train_text,
+                                 cfg.train_encoder)
     if not trainable:
         raise ValueError("nothing to train")
     for m in models.modules().values():
@@ -252,7 +260,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         if cfg.gradient_checkpointing:
             set_gradient_checkpointing(m, True)
     if cfg.mode == "vae":
-        objective: nn.Module = VAEObjective(models, cfg.kl_weight)
+        objective: nn.Module = VAEObjective(models, cfg.kl_weight, cfg.train_encoder)
     else:
         objective = DiffusionObjective(models, cfg.mode, cfg.only_mid_control)
     objective.to(device)
@@ -327,12 +335,13 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         if "latents" in batch:  # cached posterior moments
             mean, logvar = batch["latents"].chunk(2, dim=1)
             eps = torch.randn(mean.shape, generator=g)
-            z = (mean + (0.5 * logvar.clamp(-30, 20)).exp() * eps) * vae.scale_factor
+            std = (0.5 * logvar.clamp(-30, 20)).exp() if cfg.sample_latents else torch.zeros_like(logvar)
+            z = (mean + std * eps) * vae.scale_factor
         else:
             x = batch["jpg"].permute(0, 3, 1, 2).to(device)
             with torch.no_grad():
                 post = vae.encode(x.to(next(vae.parameters()).dtype))
-                z = post.sample(g) * vae.scale_factor
+                z = (post.sample(g) if cfg.sample_latents else post.mean) * vae.scale_factor
         z = z.float().to(device)  # (B, 4, h, w)
         b = z.shape[0]
         drop = torch.rand(b, generator=g) < cfg.prompt_dropout

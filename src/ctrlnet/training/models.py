@@ -99,14 +99,14 @@ def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
 
 
 def select_trainable(models: TrainModels, mode: Mode, sd_locked: bool = True, only_mid_control: bool = False,
-                     train_text: bool = True) -> dict[str, nn.Parameter]:
+                     train_text: bool = True, train_encoder: bool = True) -> dict[str, nn.Parameter]:
     """Set ``requires_grad`` per the training tier and return the trainable parameters by name.
 
     - ``controlnet``: the ControlNet (as ``ControlLDM.configure_optimizers``); with
       ``sd_locked=False`` also the UNet's ``output_blocks`` and ``out``. With ``only_mid_control``
       the encoder-side zero convs feed nothing, so they stay frozen (they would get no gradient).
     - ``base``: the UNet, and the text encoder when ``train_text``.
-    - ``vae``: the autoencoder.
+    - ``vae``: the autoencoder; without ``train_encoder`` only ``post_quant_conv`` and the decoder.
     """
     for m in models.modules().values():
         m.requires_grad_(False)
@@ -131,7 +131,11 @@ def select_trainable(models: TrainModels, mode: Mode, sd_locked: bool = True, on
         if train_text:
             take("text.", models.text)
     elif mode == "vae":
-        take("vae.", models.vae)
+        if train_encoder:
+            take("vae.", models.vae)
+        else:
+            take("vae.post_quant_conv.", models.vae.post_quant_conv)
+            take("vae.decoder.", models.vae.decoder)
     else:
         raise ValueError(f"unknown training mode {mode!r}; use controlnet, base or vae")
     return chosen
