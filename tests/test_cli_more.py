@@ -65,6 +65,23 @@ def test_from_png_refuses_paths_in_the_record(tmp_path, capsys):
     assert "not a plain file name" in capsys.readouterr().err
 
 
+def test_record_keeps_colour_references(tmp_path):
+    from ctrlnet.interfaces.outputs import read_record, save_result
+    from ctrlnet.pipeline import ControlSpec, GenerationRequest, GenerationResult
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hint = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    req = GenerationRequest(prompt="p", seed=7, resolution=64,
+                            controls=[ControlSpec(image=hint), ControlSpec(image=hint, reference=ref)])
+    res = GenerationResult([np.zeros((32, 32, 3), np.uint8)], [hint, hint], 7, req)
+    saved = save_result(res, tmp_path, "random:tiny-sd1", {"c": "random:c"})
+    rec = read_record(saved.images[0])
+    assert rec.request.controls[0].reference is None
+    assert np.array_equal(rec.request.controls[1].reference, ref)
+    assert json.loads(Image.open(saved.images[0]).info["ctrlnet"])["references"] == {"1": "7_reference1.png"}
+
+
 def test_annotate_output_records_its_settings(tmp_path):
     src = _square(tmp_path / "in.png")
     assert main(["annotate", "canny", str(src), str(tmp_path / "m.png"), "--param", "low_threshold=50"]) == 0

@@ -6,6 +6,8 @@ Each image PNG carries two text chunks (from :func:`ctrlnet.pipeline.result_meta
 - ``request``: the request with the seed used and the resolved prompts (control images left out);
 - ``base`` / ``controlnets``: the model specs (paths made absolute, ``random:...``, or ``demo``);
 - ``control_maps``: file names, next to the image, of the control maps that were used;
+- ``references``: for controls with a colour reference (reference colorization), the control's
+  index and the file name of its reference image;
 - ``dtype``: the weights' dtype.
 
 ``ctrlnet generate --from-png`` feeds the saved control maps back as ready-made maps (no annotator
@@ -52,11 +54,14 @@ def model_spec(spec: str | None) -> str | None:
 
 
 def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[str, str],
-                  dtype: str | None = None, control_files: list[str] = ()) -> dict[str, str]:
+                  dtype: str | None = None, control_files: list[str] = (),
+                  reference_files: dict[int, str] | None = None) -> dict[str, str]:
     """The PNG text chunks for a result: ``parameters`` plus the extended ``ctrlnet`` JSON."""
     meta = result_metadata(result, base or "demo")
     record = json.loads(meta[RECORD_KEY])
     record.update(base=base, controlnets=dict(controlnets), control_maps=list(control_files), dtype=dtype)
+    if reference_files:
+        record["references"] = {str(i): name for i, name in reference_files.items()}
     meta[RECORD_KEY] = json.dumps(record)
     return meta
 
@@ -79,7 +84,9 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     maps = [save_image(m, _free_name(out, f"{result.seed}_control{i}")) for i, m in enumerate(result.control_maps)]
-    meta = result_chunks(result, base, controlnets, dtype, [p.name for p in maps])
+    refs = {i: save_image(c.reference, _free_name(out, f"{result.seed}_reference{i}")).name
+            for i, c in enumerate(result.request.controls) if c.reference is not None}
+    meta = result_chunks(result, base, controlnets, dtype, [p.name for p in maps], refs)
     images = [save_image(img, _free_name(out, f"{result.seed}_{i}"), meta) for i, img in enumerate(result.images)]
     return SavedResult(images, maps)
 
@@ -132,12 +139,17 @@ def read_record(path) -> Record:
     controls = req.get("controls") or []
     if len(files) != len(controls):
         raise ImageError(f"{path}: the record lists {len(controls)} controls but {len(files)} control map files")
-    images = []
-    for name in files:
-        if Path(name).name != name:  # a record names files next to the image, nothing else
-            raise ImageError(f"{path}: control map name {name!r} is not a plain file name")
-        images.append(load_image(path.parent / name))
+    def sibling(name) -> np.ndarray:
+        if not isinstance(name, str) or Path(name).name != name:  # files next to the image, nothing else
+            raise ImageError(f"{path}: file name {name!r} in the record is not a plain file name")
+        return load_image(path.parent / name)
+
+    images = [sibling(name) for name in files]
     # the saved maps are the annotators' output: use them as they are
     req["controls"] = [{**c, "annotator": None, "annotator_params": {}, "detect_resolution": None} for c in controls]
     request = request_from_dict(req, images, allow_server_fields=True)
+    for i, name in (rec.get("references") or {}).items():
+        if not (str(i).isdigit() and int(i) < len(request.controls)):
+            raise ImageError(f"{path}: the record has a reference for control {i!r}, which does not exist")
+        request.controls[int(i)].reference = sibling(name)
     return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"))
