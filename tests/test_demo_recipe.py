@@ -40,6 +40,7 @@ def test_quick_recipe_builds_resumes_and_ships(tmp_path):
     assert sum(p.stat().st_size for p in shipped) < 30 * 2**20
 
     models = load_models(str(shipped[0]), [str(shipped[1])], device="cpu")
+    assert models.config.schedule.parameterization == r.parameterization == "v"
     assert models.config.vae.scale_factor == pytest.approx(
         json.loads((run / "vae" / "DONE.json").read_text())["scale_factor"], rel=1e-3)
     hint = np.zeros((128, 128, 3), np.uint8)

@@ -56,6 +56,10 @@ class DemoRecipe:
     dec_batch: int = 4
     dec_lr: float = 2e-4
     latents: str = "mean"  # the base and ControlNet train on posterior means ("sample": samples)
+    # v-prediction: at high noise the eps target hides the image (sqrt(alpha_bar) ~ 0.07), so an eps
+    # base learns to read colours off the noisy latent instead of the prompt; v's target there is
+    # the clean latent itself, which has to come from the prompt
+    parameterization: str = "v"
     base_steps: int = 5000
     base_batch: int = 32
     base_lr: float = 3e-4
@@ -276,6 +280,7 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
     ``skip=("decoder",)`` leaves the decoder stage to another process (it is independent of the
     base and the ControlNet, so two processes can build side by side)."""
     out = prepare_build_dir(out, resume, recipe.threads)
+    config = config.with_(schedule=replace(config.schedule, parameterization=recipe.parameterization))
     rfile = out / "recipe.json"
     if rfile.is_file():
         stored = json.loads(rfile.read_text())
