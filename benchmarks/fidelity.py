@@ -4,8 +4,10 @@
     python benchmarks/fidelity.py --build runs/demo    # the recipe's work folder, plus IoU vs steps
 
 Generates from 50 held-out (hint, prompt) pairs (fill50k, a seed the training set never used) and
-reports the IoU between the generated circle and the hint's circle and the mean RGB error of the
-circle and background colours against the prompt's colours, with strength 1 and with strength 0
+reports the IoU between the generated circle and the hint's circle (the circle being the pixels
+nearer the prompt's circle colour than its background colour), a shape IoU that does not depend
+on the colours (two colour clusters; the one off the image border is the circle), and the mean
+RGB error of the circle and background colours against the prompt's colours, with strength 1 and with strength 0
 (the floor: an uncontrolled circle). With --build it also scores the milestone checkpoints of the
 ControlNet stage and plots IoU against training steps. Targets: IoU >= 0.8, colour error <= 20.
 """
@@ -86,7 +88,7 @@ def main() -> None:
         from ctrlnet.training.previews import grid
 
         save_image(grid([np.stack(images[:10])]), args.out / f"samples_strength_{strength:g}.png")
-        print(f"strength {strength:g}: IoU {r['iou']:.3f}  colour error {r['color_error']:.1f} "
+        print(f"strength {strength:g}: IoU {r['iou']:.3f}  shape IoU {r['shape_iou']:.3f}  colour error {r['color_error']:.1f} "
               f"(circle {r['circle_error']:.1f}, background {r['background_error']:.1f})  [{r['seconds']} s]")
     curve = []
     ckdir = args.build / "controlnet" / "checkpoints" if args.build else None
@@ -96,8 +98,9 @@ def main() -> None:
         for step, path in list_checkpoints(ckdir):
             apply_checkpoint(models, path)
             r = evaluate(models, rows, tmp, 1.0, **kw)
-            curve.append((step, r["iou"], r["color_error"]))
-            print(f"step {step}: IoU {r['iou']:.3f}  colour error {r['color_error']:.1f}")
+            curve.append((step, r["iou"], r["color_error"], r["shape_iou"]))
+            print(f"step {step}: IoU {r['iou']:.3f}  shape IoU {r['shape_iou']:.3f}  "
+                  f"colour error {r['color_error']:.1f}")
         report["curve"] = curve
         try:
             import matplotlib
@@ -107,6 +110,7 @@ def main() -> None:
 
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", label="strength 1")
+            ax.plot([c[0] for c in curve], [c[3] for c in curve], "s--", label="strength 1, shape IoU")
             ax.axhline(report["strength_0"]["iou"], ls="--", c="gray", label="strength 0 (floor)")
             ax.axhline(0.8, ls=":", c="red", label="target 0.8")
             ax.set_xlabel("ControlNet training step")

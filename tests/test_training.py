@@ -360,6 +360,11 @@ def test_circle_score_measures_shape_and_colour():
     wrong[exact[..., 2] == 128] = (0, 0, 168)  # background 40 levels off in blue
     s = circle_score(wrong, (64, 64, 30), c, b)
     assert s.iou > 0.97 and abs(s.background_error - 40 / 3) < 0.5
+    # the colours swapped: the colour IoU breaks down, the shape IoU still sees the circle
+    _, swapped = draw_fill50k(128, (64, 64), 30, b, c)
+    s = circle_score(swapped, (64, 64, 30), c, b)
+    assert s.iou < 0.05 and s.shape_iou > 0.95 and s.color_error > 100
+    assert 0.3 < circle_score(shifted, (64, 64, 30), c, b).shape_iou < 0.55
 
 
 def test_cli_data_commands(tmp_path, capsys):
