@@ -76,8 +76,8 @@ class DemoRecipe:
 
     def quick(self) -> "DemoRecipe":
         """A minutes-long smoke version of the same recipe."""
-        return replace(self, n_train=64, n_heldout=8, vae_steps=4, dec_steps=2, base_steps=4, cn_steps=4, vae_batch=2,
-                       base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
+        return replace(self, n_train=64, n_heldout=8, vae_steps=4, dec_steps=2, base_steps=4, cn_steps=4,
+                       vae_batch=2, base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
 
 
 def _done(stage_dir: Path) -> dict | None:
