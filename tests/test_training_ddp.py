@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) through Accelerate: both ranks end with identical weights."""
+"""Two CPU processes (gloo) through Accelerate: both ranks end with identical weights and EMA."""
 
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         for p in m.controlnet.zero_convs.parameters():
             p.add_(0.01 * (rank + 1))
     cfg = TrainConfig(steps=2, batch_size=1, lr=1e-3, checkpoint_every=0, progress=False, cpu=True, log_every=0,
-                      prompt_dropout=0.5)
+                      prompt_dropout=0.5, ema_decay=0.5)
     res = train(m, prompt_json_dataset(data), cfg, Path(out) / "run", accelerator=acc)
-    torch.save({"cn": m.controlnet.state_dict(), "losses": res.losses}, Path(out) / f"rank{rank}.pt")
+    torch.save({"cn": m.controlnet.state_dict(), "losses": res.losses, "ema": res.ema}, Path(out) / f"rank{rank}.pt")
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
 
@@ -67,5 +67,11 @@ def test_two_process_gloo_ranks_end_identical(tmp_path):
         if k.startswith("zero_convs.0.0.weight"):
             changed = not torch.allclose(v, torch.full_like(v, 0.01))
     assert changed
+    # the EMA starts after DDP's broadcast, so it is the same on both ranks and differs from the weights
+    assert r0["ema"].keys() == r1["ema"].keys() and r0["ema"]
+    for k, v in r0["ema"].items():
+        assert torch.equal(v, r1["ema"][k]), k
+    k = "controlnet.zero_convs.0.0.weight"
+    assert not torch.equal(r0["ema"][k], r0["cn"]["zero_convs.0.0.weight"])
     # only the main process writes the log
     assert len((tmp_path / "run" / "loss.csv").read_text().splitlines()) == 3

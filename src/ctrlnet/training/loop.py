@@ -89,6 +89,7 @@ class TrainResult:
     checkpoint: Path | None
     skipped: int = 0
     losses: list[float] = field(default_factory=list)
+    ema: dict | None = None  # the EMA's shadow weights (trainable name -> tensor), when ema_decay > 0
 
 
 def derived_seed(*parts: int) -> int:
@@ -267,7 +268,6 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
     params = list(trainable.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    ema = st.EMA(trainable.items(), cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     # resume before wrapping, so every rank starts from the same state
     step, micro_seen, ckpt_path = 0, 0, None
@@ -288,14 +288,16 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 p.copy_(state["trainable"][n].to(p.dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
         st.set_rng_state(state["rng"])
         step, micro_seen = state["step"], state["micro_batches"]
         if main:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
     objective, optimizer = accelerator.prepare(objective, optimizer)
+    # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts the same
+    ema = st.EMA(trainable.items(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and loaded is not None and loaded[1].get("ema") is not None:
+        ema.load_state_dict(loaded[1]["ema"])
     if loaded is not None and accelerator.scaler is not None and loaded[1].get("scaler"):
         accelerator.scaler.load_state_dict(loaded[1]["scaler"])
 
@@ -410,7 +412,8 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         if skipped_total:
             print(f"warning: {skipped_total} bad examples were skipped (see the warnings above for their names)",
                   flush=True)
-    return TrainResult(step, last_loss, run_dir, ckpt_path, skipped_total, losses)
+    return TrainResult(step, last_loss, run_dir, ckpt_path, skipped_total, losses,
+                       ema.state_dict()["shadow"] if ema is not None else None)
 
 
 class _nullcontext:
