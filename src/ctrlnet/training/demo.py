@@ -47,7 +47,7 @@ class DemoRecipe:
     n_heldout: int = 50
     size: int = 128
     seed: int = 0
-    vae_steps: int = 3000
+    vae_steps: int = 6000
     vae_batch: int = 4
     vae_lr: float = 5e-4
     vae_crop: int = 64
