@@ -25,19 +25,11 @@ import torch
 
 from ctrlnet.training.builders import make_fill50k, read_jsonl
 from ctrlnet.training.demo import BASE_FILE, CONTROL_FILE
-from ctrlnet.training.fidelity import evaluate
+from ctrlnet.training.fidelity import evaluate, load_pair
 from ctrlnet.training.models import load_model_file
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "ctrlnet" / "assets" / "demo"
 HELDOUT_SEED = 100_003  # the demo recipe's held-out seed (recipe seed 0 + 100003)
-
-
-def load(base: Path, control: Path):
-    models = load_model_file(base)
-    models.controlnet = load_model_file(control).controlnet
-    for m in models.modules().values():
-        m.eval()
-    return models
 
 
 def apply_checkpoint(models, path: Path) -> None:
@@ -66,7 +58,7 @@ def main() -> None:
         base, control = args.build / "base" / BASE_FILE, args.build / "controlnet" / CONTROL_FILE
     else:
         base, control = ASSETS / BASE_FILE, ASSETS / CONTROL_FILE
-    models = load(base, control)
+    models = load_pair(base, control)
     decoder = args.build / "decoder" / "vae.safetensors" if args.build else None
     if decoder and decoder.is_file():  # the recipe ships the refined decoder (same latent space)
         models.vae = load_model_file(decoder).vae.eval()

@@ -11,21 +11,11 @@ from ctrlnet.pipeline import DEMO_BASE, DEMO_CONTROL, demo_dir
 pytestmark = pytest.mark.skipif(not (demo_dir() / DEMO_CONTROL).is_file(), reason="the demo model is not shipped")
 
 
-@pytest.fixture(scope="module")
-def demo_models():
-    from ctrlnet.training.models import load_model_file
-
-    models = load_model_file(demo_dir() / DEMO_BASE)
-    models.controlnet = load_model_file(demo_dir() / DEMO_CONTROL).controlnet
-    for m in models.modules().values():
-        m.float().eval()
-    return models
-
-
-def test_demo_model_draws_the_hint_circle(demo_models, tmp_path):
+def test_demo_model_draws_the_hint_circle(tmp_path):
     from ctrlnet.training.builders import make_fill50k, read_jsonl
-    from ctrlnet.training.fidelity import evaluate
+    from ctrlnet.training.fidelity import evaluate, load_pair
 
+    demo_models = load_pair(demo_dir() / DEMO_BASE, demo_dir() / DEMO_CONTROL)
     make_fill50k(tmp_path, 6, 128, seed=777)  # a seed the recipe's training set never used
     rows = read_jsonl(tmp_path / "prompt.json")
     with torch.inference_mode():
@@ -38,15 +28,13 @@ def test_demo_model_draws_the_hint_circle(demo_models, tmp_path):
 
 
 def test_generate_with_no_model_arguments_uses_the_demo(tmp_path):
-    from ctrlnet.image import load_image
+    from ctrlnet.image import load_image, save_image
     from ctrlnet.interfaces.cli import main
 
     hint = np.zeros((128, 128, 3), np.uint8)
     yy, xx = np.mgrid[:128, :128]
     ring = np.abs(np.hypot(xx - 64, yy - 64) - 36) < 2
     hint[ring] = 255
-    from ctrlnet.image import save_image
-
     save_image(hint, tmp_path / "hint.png")
     rc = main(["generate", "--control", str(tmp_path / "hint.png"), "--prompt", "gold circle with navy background",
                "--resolution", "128", "--steps", "12", "--seed", "3", "--out", str(tmp_path / "out")])

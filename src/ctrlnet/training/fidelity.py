@@ -75,6 +75,17 @@ def circle_score(image: np.ndarray, circle: Sequence[int], circle_rgb, backgroun
     return CircleScore(iou, ce, be, shape_iou)
 
 
+def load_pair(base, control):
+    """A base file and a ControlNet file written by the demo recipe, in eval mode."""
+    from ctrlnet.training.models import load_model_file
+
+    models = load_model_file(base)
+    models.controlnet = load_model_file(control).controlnet
+    for m in models.modules().values():
+        m.eval()
+    return models
+
+
 @torch.no_grad()
 def generate_rows(models, rows: Sequence[dict], root, strength: float = 1.0, steps: int = 20,
                   guidance_scale: float = 5.0, seed: int = 0, batch: int = 25) -> list[np.ndarray]:
