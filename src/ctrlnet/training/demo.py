@@ -1,15 +1,8 @@
 """The recipe of the embedded default model: fill50k-style data -> VAE -> latent-diffusion base
--> ControlNet on the frozen base (and a refined VAE decoder), all from scratch on a CPU,
-resumable at any point.
+-> ControlNet on the frozen base, all from scratch on a CPU, resumable at any point.
 
-    python -m ctrlnet.training.demo build runs/demo --resume
-    python -m ctrlnet.training.demo ship runs/demo src/ctrlnet/assets/demo
-
-The decoder stage reads the fixed latent space of the first VAE, so on two cores it can run in a
-second process beside the base and ControlNet stages::
-
-    python -m ctrlnet.training.demo build runs/demo --resume --skip decoder
-    python -m ctrlnet.training.demo build runs/demo --resume --until decoder
+    python -m ctrlnet.training.demo build runs/demo --resume --threads 2
+    python -m ctrlnet.training.demo ship runs/demo            # -> src/ctrlnet/assets/demo
 
 Each stage keeps its own run folder with checkpoints; a finished stage writes ``DONE.json`` and
 is skipped on ``--resume``; an unfinished one continues from its newest checkpoint, so a killed
@@ -52,9 +45,6 @@ class DemoRecipe:
     vae_lr: float = 5e-4
     vae_crop: int = 64
     vae_kl: float = 1e-6
-    dec_steps: int = 2500
-    dec_batch: int = 4
-    dec_lr: float = 2e-4
     latents: str = "mean"  # the base and ControlNet train on posterior means ("sample": samples)
     # v-prediction: at high noise the eps target hides the image (sqrt(alpha_bar) ~ 0.07), so an eps
     # base learns to read colours off the noisy latent instead of the prompt; v's target there is
@@ -76,7 +66,7 @@ class DemoRecipe:
 
     def quick(self) -> "DemoRecipe":
         """A minutes-long smoke version of the same recipe."""
-        return replace(self, n_train=64, n_heldout=8, vae_steps=4, dec_steps=2, base_steps=4, cn_steps=4,
+        return replace(self, n_train=64, n_heldout=8, vae_steps=4, base_steps=4, cn_steps=4,
                        vae_batch=2, base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
 
 
@@ -135,44 +125,26 @@ def reconstruction_error(vae, data_dir: Path, n: int = 50) -> float:
 def stage_vae(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, config: ModelConfig,
               resume: bool) -> Path:
     """The autoencoder, on native-scale crops (cheap steps); its encoder fixes the latent space."""
-    return _train_vae(out / "vae", r, held_dir, config, resume, None,
-                      prompt_json_dataset(train_dir, crop_size=r.vae_crop), r.vae_steps, r.vae_batch, r.vae_lr,
-                      f"{r.vae_crop}px crops")
+    return _train_vae(out / "vae", r, held_dir, config, resume, prompt_json_dataset(train_dir, crop_size=r.vae_crop))
 
 
-def stage_decoder(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, vae_file: Path, resume: bool) -> Path:
-    """The decoder again, on whole images and the frozen encoder's mean latents.
-
-    The first stage decodes noisy posterior samples, so it learns washed-out colours, and its
-    crops are often one flat colour, where GroupNorm leaves nothing to learn colour from. The
-    latent space stays the same, so the base and the ControlNet (trained on mean latents) do not
-    depend on this stage and can train beside it.
-    """
-    config, vae = _load_vae(vae_file)
-    return _train_vae(out / "decoder", r, held_dir, config, resume, vae, prompt_json_dataset(train_dir),
-                      r.dec_steps, r.dec_batch, r.dec_lr, "whole images (decoder only)", train_encoder=False)
-
-
-def _train_vae(sdir: Path, r: DemoRecipe, held_dir: Path, config: ModelConfig, resume: bool, vae, ds,
-               steps: int, batch: int, lr: float, what: str, train_encoder: bool = True) -> Path:
+def _train_vae(sdir: Path, r: DemoRecipe, held_dir: Path, config: ModelConfig, resume: bool, ds) -> Path:
     target = sdir / "vae.safetensors"
     if _done(sdir) and target.is_file():
         return target
     models = build_models(config, seed=r.seed)
     models.unet = None  # the VAE stage needs only the VAE; the text tower is built for the file
-    if vae is not None:
-        models.vae = vae.train()
-    cfg = TrainConfig(mode="vae", steps=steps, batch_size=batch, lr=lr, kl_weight=r.vae_kl,
+    cfg = TrainConfig(mode="vae", steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, kl_weight=r.vae_kl,
                       warmup_steps=50, lr_decay="cosine", checkpoint_every=r.checkpoint_every, keep_last=2,
-                      sample_every=r.sample_every, seed=r.seed, cpu=True, train_encoder=train_encoder)
-    _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {what}")
+                      sample_every=r.sample_every, seed=r.seed, cpu=True)
+    _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {r.vae_crop}px crops")
     res = train(models, ds, cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
     if res.step < cfg.steps:
         raise SystemExit(f"VAE stage stopped at step {res.step}; rerun with --resume")
     models.vae.eval()
-    if train_encoder:  # a new latent space: unit-variance latents, as LDM sets ``scale_factor``
-        scale = latent_scale(models, Path(ds.root))
-        config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
+    # a new latent space: unit-variance latents, as LDM sets ``scale_factor``
+    scale = latent_scale(models, Path(ds.root))
+    config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
     models.config = config
     models.vae.scale_factor = config.vae.scale_factor
     from ctrlnet.checkpoints.save import save_model_file
@@ -271,14 +243,12 @@ def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base
     return target
 
 
-STAGES = ("data", "vae", "decoder", "base", "controlnet")
+STAGES = ("data", "vae", "base", "controlnet")
 
 
 def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: ModelConfig = DEMO,
-          until: str | None = None, skip: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Run (or continue) every stage; returns the files made. ``until`` stops after that stage;
-    ``skip=("decoder",)`` leaves the decoder stage to another process (it is independent of the
-    base and the ControlNet, so two processes can build side by side)."""
+          until: str | None = None) -> dict[str, Path]:
+    """Run (or continue) every stage; returns the files made. ``until`` stops after that stage."""
     out = prepare_build_dir(out, resume, recipe.threads)
     config = config.with_(schedule=replace(config.schedule, parameterization=recipe.parameterization))
     rfile = out / "recipe.json"
@@ -294,10 +264,6 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
         return files
     files["vae"] = stage_vae(out, recipe, train_dir, held_dir, config, resume)
     if until == "vae":
-        return files
-    if "decoder" not in skip:
-        files["decoder"] = stage_decoder(out, recipe, train_dir, held_dir, files["vae"], resume)
-    if until == "decoder":
         return files
     cache = stage_cache(out, train_dir, files["vae"])
     files["base"] = stage_base(out, recipe, cache, held_dir, files["vae"], resume, config)
@@ -315,19 +281,11 @@ def ship(out, dest) -> list[Path]:
     from ctrlnet.checkpoints.save import CONFIG_KEY, read_config, save_model_file
 
     out, dest = Path(out), Path(dest)
-    decoder = out / "decoder" / "vae.safetensors"
-    if not (decoder.is_file() and _done(out / "decoder")):
-        decoder = None
-        _log("note: the decoder stage is not finished; shipping the first-stage VAE "
-             "(run `build --resume --until decoder`, then ship again)")
     written = []
     for src in (out / "base" / BASE_FILE, out / "controlnet" / CONTROL_FILE):
         if not src.is_file():
             raise SystemExit(f"{src} is missing; finish the build first")
         sd = load_file(str(src))
-        if src.name == BASE_FILE and decoder:  # the refined decoder reads the same latent space
-            sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}
-            sd.update(load_file(str(decoder)))
         prefixes = sorted({k.split(".")[0] + "." for k in sd})
         groups = {}
         for k, v in sd.items():
@@ -354,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke run of the recipe")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    b.add_argument("--skip", choices=["decoder"], action="append", default=[],
-                   help="leave this stage to another process running beside this one")
     s = sub.add_parser("ship", help="write the finished model as fp16 files into the package assets")
     s.add_argument("out")
     s.add_argument("dest", nargs="?", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo"))
@@ -364,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = DemoRecipe(threads=args.threads)
         if args.quick:
             recipe = recipe.quick()
-        build(args.out, recipe, resume=args.resume, until=args.until, skip=tuple(args.skip))
+        build(args.out, recipe, resume=args.resume, until=args.until)
     else:
         ship(args.out, args.dest)
     return 0
