@@ -55,7 +55,7 @@ class DemoRecipe:
     base_lr: float = 3e-4
     base_prompt_dropout: float = 0.1
     base_ema: float = 0.999
-    cn_steps: int = 3000
+    cn_steps: int = 4000
     cn_batch: int = 16
     cn_lr: float = 1e-4
     cn_prompt_dropout: float = 0.5
