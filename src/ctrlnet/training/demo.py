@@ -34,7 +34,7 @@ CONTROL_FILE = "demo_control_fill50k.safetensors"
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Sizes and schedules of the demo build (about 2-3 CPU-hours on one thread)."""
+    """Sizes and schedules of the demo build (about 2.5 hours on two threads)."""
 
     n_train: int = 4000
     n_heldout: int = 50
