@@ -26,7 +26,6 @@ import torch
 from ctrlnet.training.builders import make_fill50k, read_jsonl
 from ctrlnet.training.demo import BASE_FILE, CONTROL_FILE
 from ctrlnet.training.fidelity import evaluate, load_pair
-from ctrlnet.training.models import load_model_file
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "ctrlnet" / "assets" / "demo"
 HELDOUT_SEED = 100_003  # the demo recipe's held-out seed (recipe seed 0 + 100003)
@@ -37,10 +36,7 @@ def apply_checkpoint(models, path: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     weights = state["ema"]["shadow"] if state.get("ema") else state["trainable"]
     sd = {k[len("controlnet."):]: v for k, v in weights.items() if k.startswith("controlnet.")}
-    missing, _ = models.controlnet.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not k.startswith("zero_convs.")]
-    if bad:
-        raise KeyError(f"{path}: no weights for {bad[:4]}")
+    models.controlnet.load_state_dict(sd, strict=True)  # names any missing or unexpected key
 
 
 def main() -> None:
@@ -59,10 +55,6 @@ def main() -> None:
     else:
         base, control = ASSETS / BASE_FILE, ASSETS / CONTROL_FILE
     models = load_pair(base, control)
-    decoder = args.build / "decoder" / "vae.safetensors" if args.build else None
-    if decoder and decoder.is_file():  # the recipe ships the refined decoder (same latent space)
-        models.vae = load_model_file(decoder).vae.eval()
-        print(f"VAE: {decoder}")
     size = 2 ** (len(models.config.vae.ch_mult) - 1) * 16  # 128 for the demo
     tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
     make_fill50k(tmp, args.n, size, seed=HELDOUT_SEED)

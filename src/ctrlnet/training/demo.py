@@ -125,13 +125,11 @@ def reconstruction_error(vae, data_dir: Path, n: int = 50) -> float:
 def stage_vae(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, config: ModelConfig,
               resume: bool) -> Path:
     """The autoencoder, on native-scale crops (cheap steps); its encoder fixes the latent space."""
-    return _train_vae(out / "vae", r, held_dir, config, resume, prompt_json_dataset(train_dir, crop_size=r.vae_crop))
-
-
-def _train_vae(sdir: Path, r: DemoRecipe, held_dir: Path, config: ModelConfig, resume: bool, ds) -> Path:
+    sdir = out / "vae"
     target = sdir / "vae.safetensors"
     if _done(sdir) and target.is_file():
         return target
+    ds = prompt_json_dataset(train_dir, crop_size=r.vae_crop)
     models = build_models(config, seed=r.seed)
     models.unet = None  # the VAE stage needs only the VAE; the text tower is built for the file
     cfg = TrainConfig(mode="vae", steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, kl_weight=r.vae_kl,
@@ -143,7 +141,7 @@ def _train_vae(sdir: Path, r: DemoRecipe, held_dir: Path, config: ModelConfig, r
         raise SystemExit(f"VAE stage stopped at step {res.step}; rerun with --resume")
     models.vae.eval()
     # a new latent space: unit-variance latents, as LDM sets ``scale_factor``
-    scale = latent_scale(models, Path(ds.root))
+    scale = latent_scale(models, train_dir)
     config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
     models.config = config
     models.vae.scale_factor = config.vae.scale_factor
