@@ -2,6 +2,7 @@
 Denoiser's latent_cond, file round trip, and the pipeline's additive options it relies on."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ctrlnet.colorize.reference_model import (
     FIRST_CONV,
     ReferenceControlNet,
     load_reference_controlnet,
+    load_reference_vae,
     pack_hint,
     save_reference_controlnet,
     unpack_hint,
@@ -130,6 +132,36 @@ def test_file_round_trip_and_plain_controlnet_refused(base, tmp_path):
                             base.config)
     with pytest.raises(ValueError, match="plain ControlNet"):
         load_reference_controlnet(plain)
+
+
+def test_colorizer_file_carries_its_autoencoder_and_add_colorizer_installs_it(base, tmp_path):
+    from ctrlnet.colorize.reference import COLORIZER, add_colorizer
+    from ctrlnet.models.vae import AutoencoderKL
+
+    net = randomize_(ReferenceControlNet.from_unet(base.unet), seed=8)
+    plain = save_reference_controlnet(net, tmp_path / "plain.safetensors", base.config)
+    assert load_reference_vae(plain, base.config) is None  # a file without one uses the base's
+    vae = randomize_(AutoencoderKL(**base.config.vae.kwargs()), seed=9)
+    path = save_reference_controlnet(net, tmp_path / "c.safetensors", base.config, vae=vae)
+    back = load_reference_vae(path, base.config)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in vae.state_dict().items())
+    assert back.scale_factor == base.config.vae.scale_factor
+
+    models = load_models("random:tiny-sd1", controlnets={}, device="cpu", dtype="fp32")
+    old = models.base.vae
+    before = {k: v.clone() for k, v in old.state_dict().items()}
+    add_colorizer(models, plain)
+    assert models.base.vae is old
+    add_colorizer(models, path)
+    assert models.base.vae is not old and COLORIZER in models.controlnets
+    assert all(torch.equal(v, models.base.vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in before.items())  # the base's VAE untouched
+    # an autoencoder of another architecture is refused by name
+    other = base.config.with_(vae=replace(base.config.vae, ch=base.config.vae.ch * 2))
+    bad = save_reference_controlnet(net, tmp_path / "bad.safetensors", base.config,
+                                    vae=AutoencoderKL(**other.vae.kwargs()))
+    with pytest.raises(ValueError, match="autoencoder does not fit"):
+        load_reference_vae(bad, base.config)
 
 
 def test_pipeline_prompt_chunks_and_reference_spec(tmp_path):

@@ -77,3 +77,13 @@ def test_recipe_quick_build_resume_and_ship(tmp_path, capsys):
     shipped = ship(tmp_path / "run", tmp_path / "assets")
     net = load_reference_controlnet(shipped)
     assert net.ref_channels == 4 and shipped.stat().st_size < 15 * 2**20
+    # the fine-tuned autoencoder (the recipe's vae stage) travels with the net
+    from safetensors.torch import load_file
+
+    from ctrlnet.checkpoints.save import read_config
+    from ctrlnet.colorize.reference_model import load_reference_vae
+
+    vae = load_reference_vae(shipped, read_config(shipped))
+    tuned = load_file(str(tmp_path / "run" / "vae" / "vae.safetensors"))
+    assert vae is not None and len(tuned) == len(vae.state_dict())
+    assert all(torch.equal(v, tuned["first_stage_model." + k].half().float()) for k, v in vae.state_dict().items())

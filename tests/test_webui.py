@@ -58,11 +58,18 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def served(models, tmp_path_factory):
+def colorizer():
+    from ctrlnet.colorize.reference import load_colorizer_models
+
+    return load_colorizer_models("random:tiny-sd1", "random", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def served(models, colorizer, tmp_path_factory):
     from ctrlnet.interfaces.webui import build_app
 
     out = tmp_path_factory.mktemp("ui_out")
-    app = build_app(models, outputs_dir=out, defaults={"steps": 2, "resolution": 256})
+    app = build_app(models, outputs_dir=out, defaults={"steps": 2, "resolution": 256}, colorizer=colorizer)
     port = _free_port()
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -88,7 +95,7 @@ def test_tabs_and_annotator_parameters_come_from_the_annotators(models, tmp_path
     comps = list(app.blocks.values())
     labels = [getattr(c, "label", None) for c in comps]
     tabs = [c.label for c in comps if isinstance(c, gr.Tab)]
-    assert tabs == [t.title for t in TABS] and len(tabs) == 10
+    assert tabs == [t.title for t in TABS] + ["Reference colorization"] and len(tabs) == 11
     # canny's thresholds with its own defaults (100, 200); the scribble tab has a canvas
     low = [c for c in comps if getattr(c, "label", None) == "low threshold"]
     assert len(low) == 1 and low[0].value == 100
@@ -117,6 +124,27 @@ def test_run_tab_saves_pngs_that_record_their_settings(models, tmp_path):
         run_tab(holder, TABS[0], tmp_path, _photo(), "canny", {}, {**opts, "steps": 0})
     with pytest.raises(gr.Error, match="Add an input image"):
         run_tab(holder, TABS[0], tmp_path, None, "canny", {}, opts)
+
+
+def test_run_colorize_keeps_lightness_and_saves(colorizer, tmp_path):
+    from ctrlnet.colorize.lab import lightness
+    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.interfaces.webui import ModelHolder, _as_loaded, _colorizer_loader, run_colorize
+
+    holder = ModelHolder(_as_loaded(colorizer), _colorizer_loader)
+    ref, target = synthetic_clip(2, 64, seed=5)
+    opts = {"steps": 1, "strength": 1.0, "seed": -1, "keep_luminance": True}
+    image, path, seed = run_colorize(holder, tmp_path, target, ref, opts)
+    assert seed >= 0 and image.shape == target.shape
+    assert np.abs(lightness(image).astype(int) - lightness(target).astype(int)).max() <= 1
+    saved = Image.open(path)
+    assert np.array_equal(np.asarray(saved.convert("RGB")), image) and f"Seed: {seed}" in saved.info["parameters"]
+    again = run_colorize(holder, tmp_path, target, ref, {**opts, "seed": seed})
+    assert again[1] != path and np.array_equal(again[0], image)  # same seed, same colours; nothing overwritten
+    with pytest.raises(gr.Error, match="colour reference"):
+        run_colorize(holder, tmp_path, target, None, opts)
+    with pytest.raises(gr.Error, match="steps=0"):
+        run_colorize(holder, tmp_path, target, ref, {**opts, "steps": 0})
 
 
 def test_scan_models_dir(tmp_path):
@@ -207,3 +235,36 @@ def test_browser_scribble_canvas(served):
     ys, xs = np.nonzero(m > 127)
     # (where on the page the stroke lands depends on the canvas zoom Gradio picks, so only its direction is checked)
     assert np.corrcoef(xs, ys)[0, 1] > 0.9 and xs.max() - xs.min() > 64 and ys.max() - ys.min() > 64
+
+
+def test_browser_reference_colorization(served, tmp_path):
+    from ctrlnet.colorize.lab import lightness, to_gray
+    from ctrlnet.colorize.synthetic import synthetic_clip
+
+    sync_playwright, exe = _ensure_browser()
+    url, out = served
+    ref, target = synthetic_clip(2, 96, seed=8)
+    target = to_gray(target)  # what a user uploads: a grayscale picture
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    Image.fromarray(target).save(tmp_path / "gray.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.get_by_role("tab", name="Reference colorization").click()
+            page.locator("#input-colorize input[type=file]").set_input_files(str(tmp_path / "gray.png"))
+            page.locator("#reference-colorize input[type=file]").set_input_files(str(tmp_path / "ref.png"))
+            page.wait_for_selector("#reference-colorize img", timeout=30_000)
+            page.locator("#run-colorize").click()
+            page.wait_for_selector("#result-colorize img, .toast-body", timeout=180_000)
+            assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
+            page.screenshot(path=str(SCREENSHOT_DIR / "webui_colorize.png"), full_page=True)
+            src = page.locator("#result-colorize img").first.get_attribute("src")
+            result = page.request.get(src).body()
+        finally:
+            browser.close()
+    img = np.asarray(Image.open(io.BytesIO(result)).convert("RGB"))
+    assert img.shape == target.shape
+    assert np.abs(lightness(img).astype(int) - lightness(target).astype(int)).max() <= 1
+    assert len(list(out.glob("colorized-0*.png"))) == 1  # saved under the default seed 0

@@ -8,7 +8,7 @@ result keeps the input's lightness exactly (:func:`~ctrlnet.colorize.lab.merge_l
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ctrlnet.colorize.lab import merge_luminance, to_gray
-from ctrlnet.colorize.reference_model import ReferenceControlNet, load_reference_controlnet
+from ctrlnet.colorize.reference_model import ReferenceControlNet, load_reference_controlnet, load_reference_vae
 from ctrlnet.image import HWC3
 from ctrlnet.pipeline import ControlSpec, GenerationRequest, Models, demo_dir, generate, load_models
 
@@ -67,7 +67,9 @@ def random_colorizer(models: Models, seed: str = "colorizer") -> ReferenceContro
 def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models:
     """Load the reference colorizer into ``models.controlnets["colorizer"]`` (on their device).
 
-    ``colorizer``: a file we wrote, ``None`` for the shipped one, or ``"random"``.
+    ``colorizer``: a file we wrote, ``None`` for the shipped one, or ``"random"``. A file that
+    carries its own autoencoder replaces ``models.base.vae`` with it (a new module: the old one,
+    wherever else it is used, is left as it was).
     """
     if colorizer == "random":
         net = random_colorizer(models)
@@ -78,6 +80,11 @@ def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models
                 f"the shipped colorizer is not built yet ({path} is missing); train it with "
                 "`python -m ctrlnet.colorize.recipe build runs/colorize --resume`, or pass --colorizer PATH")
         net = load_reference_controlnet(path, base=models.config)
+        vae = load_reference_vae(path, models.config)
+        if vae is not None:
+            # fp32 like the pipeline's own VAE under fp16; with low_vram it waits on the CPU
+            vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
+            models.base = replace(models.base, vae=vae if models.low_vram else vae.to(models.device))
     models.controlnets[COLORIZER] = net.to(device=models.device, dtype=models.dtype).eval()
     return models
 

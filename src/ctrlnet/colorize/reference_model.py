@@ -13,6 +13,10 @@ Two ways to give the reference latent:
 - a *packed hint* ``(B, hint_channels + ref_channels, H, W)`` whose last channels hold the
   reference latent repeated over each 8x8 pixel cell (:func:`pack_hint`): the unmodified training
   loop passes one ``hint`` tensor, so training data sets give the reference this way.
+
+A colorizer file may also carry its own autoencoder (``first_stage_model.*``): a base VAE trained
+on other pictures (the demo's learnt flat fill50k colours) cannot represent the colours to be
+predicted, so the recipe fine-tunes it on the colorizer's frames and ships it with the net.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from ctrlnet.config import ModelConfig
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.unet import UNetModel
+from ctrlnet.models.vae import AutoencoderKL
 
 FIRST_CONV = "input_blocks.0.0.weight"
 KIND_KEY = "ctrlnet_colorize"  # safetensors metadata: the model kind ("reference")
@@ -138,9 +143,34 @@ def load_reference_controlnet(path, base: ModelConfig | None = None) -> Referenc
 
 
 def save_reference_controlnet(net: ReferenceControlNet, path, config: ModelConfig,
-                              dtype: torch.dtype | None = None) -> Path:
-    """Write ``control_model.*`` with the base config and the model kind in the metadata."""
+                              dtype: torch.dtype | None = None, vae: torch.nn.Module | None = None) -> Path:
+    """Write ``control_model.*`` (and, with ``vae``, the colorizer's own ``first_stage_model.*``)
+    with the base config and the model kind in the metadata."""
     from ctrlnet.checkpoints.save import PREFIXES, save_model_file
 
-    return save_model_file(path, {PREFIXES["controlnet"]: net.state_dict()}, config,
-                           {KIND_KEY: "reference"}, dtype=dtype)
+    parts = {PREFIXES["controlnet"]: net.state_dict()}
+    if vae is not None:
+        parts[PREFIXES["vae"]] = vae.state_dict()
+    return save_model_file(path, parts, config, {KIND_KEY: "reference"}, dtype=dtype)
+
+
+def load_reference_vae(path, base: ModelConfig) -> AutoencoderKL | None:
+    """The autoencoder a colorizer file carries (fp32, eval, ``base``'s architecture and
+    ``scale_factor``), or ``None`` when it uses the base model's own."""
+    from safetensors import safe_open
+
+    from ctrlnet.checkpoints.save import PREFIXES
+
+    prefix = PREFIXES["vae"]
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    if not sd:
+        return None
+    vae = AutoencoderKL(**base.vae.kwargs())
+    own = vae.state_dict()
+    wrong = sorted(set(own) ^ set(sd)) + [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: its autoencoder does not fit the base model ({len(wrong)} keys missing, "
+                         f"unexpected or of another shape, e.g. {wrong[:3]})")
+    vae.load_state_dict(sd)
+    return vae.eval()

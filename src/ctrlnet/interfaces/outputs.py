@@ -66,7 +66,8 @@ def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[
     return meta
 
 
-def _free_name(folder: Path, stem: str) -> Path:
+def free_name(folder: Path, stem: str) -> Path:
+    """``folder/stem.png``, or with a ``-1``, ``-2``... suffix when taken (nothing is overwritten)."""
     path = folder / f"{stem}.png"
     k = 1
     while path.exists():
@@ -83,11 +84,11 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    maps = [save_image(m, _free_name(out, f"{result.seed}_control{i}")) for i, m in enumerate(result.control_maps)]
-    refs = {i: save_image(c.reference, _free_name(out, f"{result.seed}_reference{i}")).name
+    maps = [save_image(m, free_name(out, f"{result.seed}_control{i}")) for i, m in enumerate(result.control_maps)]
+    refs = {i: save_image(c.reference, free_name(out, f"{result.seed}_reference{i}")).name
             for i, c in enumerate(result.request.controls) if c.reference is not None}
     meta = result_chunks(result, base, controlnets, dtype, [p.name for p in maps], refs)
-    images = [save_image(img, _free_name(out, f"{result.seed}_{i}"), meta) for i, img in enumerate(result.images)]
+    images = [save_image(img, free_name(out, f"{result.seed}_{i}"), meta) for i, img in enumerate(result.images)]
     return SavedResult(images, maps)
 
 

@@ -187,6 +187,79 @@ def run_tab(holder: ModelHolder, tab: TabSpec, outputs_dir, image, annotator: st
     return result.control_maps[0], [str(p) for p in saved.images], result.seed
 
 
+def run_colorize(holder: ModelHolder, outputs_dir, gray, reference, opts: dict, progress=None):
+    """The reference colorization tab: colour ``gray`` after ``reference`` with the colorizer in
+    ``holder``, save the PNG; returns (image, file, seed)."""
+    import random
+
+    from ctrlnet.colorize.reference import ColorizeOptions, colorize_image
+    from ctrlnet.image import ImageError, save_image
+    from ctrlnet.interfaces.outputs import free_name
+
+    if gray is None or reference is None:
+        raise gr.Error("Add the grayscale image and a colour reference first.")
+    seed = int(opts["seed"])
+    seed = random.randint(0, MAX_SEED) if seed < 0 else seed
+    options = ColorizeOptions(steps=int(opts["steps"]), seed=seed, strength=float(opts["strength"]),
+                              keep_luminance=bool(opts["keep_luminance"]))
+
+    def report(i, total):
+        if progress is not None:
+            progress((i, total), desc="sampling", unit="steps")
+
+    try:
+        if options.steps < 1:
+            raise ValueError(f"steps={options.steps}: give at least 1")
+        models = holder.get().models
+        with holder.lock:
+            image = colorize_image(models, gray, reference, options, report)
+    except (ValueError, ImageError, FileNotFoundError) as e:
+        raise gr.Error(str(e)) from None
+    out = Path(outputs_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = (f"reference colorization, Steps: {options.steps}, Seed: {seed}, Control strength: {options.strength}, "
+                f"Keep luminance: {options.keep_luminance}")
+    path = save_image(image, free_name(out, f"colorized-{seed}"), {"parameters": settings})
+    return image, str(path), seed
+
+
+def _colorizer_loader(base, named, device, dtype) -> LoadedModels:
+    from ctrlnet.colorize.reference import load_colorizer_models
+
+    return LoadedModels(load_colorizer_models(device=device, dtype=dtype), "demo", {"colorizer": "shipped"})
+
+
+def _colorize_tab(holder: ModelHolder, outputs_dir, d: dict) -> None:
+    with gr.Tab("Reference colorization", id="colorize"):
+        gr.Markdown("Colour a grayscale image after a colour reference (e.g. a coloured frame of the same shot). "
+                    "The result keeps the input's lightness exactly. Uses the shipped colorizer.")
+        with gr.Row():
+            with gr.Column():
+                gray = gr.Image(label="Grayscale image", type="numpy", image_mode="RGB",
+                                sources=["upload", "clipboard"], elem_id="input-colorize")
+                ref = gr.Image(label="Colour reference", type="numpy", image_mode="RGB",
+                               sources=["upload", "clipboard"], elem_id="reference-colorize")
+                run = gr.Button("Run", variant="primary", elem_id="run-colorize")
+                with gr.Accordion("Options", open=False):
+                    opts = {
+                        "steps": gr.Slider(1, 100, value=d["steps"], step=1, label="Steps"),
+                        "strength": gr.Slider(0.0, 2.0, value=1.0, step=0.01, label="Control strength"),
+                        "seed": gr.Number(0, precision=0, minimum=-1, maximum=MAX_SEED, label="Seed (-1 = random)"),
+                        "keep_luminance": gr.Checkbox(True, label="Keep the input's lightness (Lab merge)"),
+                    }
+            with gr.Column():
+                result = gr.Image(label="Result", type="numpy", interactive=False, format="png",
+                                  elem_id="result-colorize")
+                file_out = gr.File(label="Saved PNG", elem_id="file-colorize")
+                seed_out = gr.Number(None, label="Seed used", precision=0, interactive=False, elem_id="seed-colorize")
+
+        def on_run(data, progress=gr.Progress()):
+            return run_colorize(holder, outputs_dir, data[gray], data[ref], {k: data[c] for k, c in opts.items()},
+                                progress)
+
+        run.click(on_run, {gray, ref, *opts.values()}, [result, file_out, seed_out], concurrency_limit=1)
+
+
 def _param_component(name: str, default):
     label = name.replace("_", " ")
     if isinstance(default, bool):
@@ -210,13 +283,15 @@ def _tab_handler(holder, tab, outputs_dir, image, ann_dd, param_comps, opts):
 
 
 def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", device="auto", dtype="auto",
-              defaults: dict | None = None) -> gr.Blocks:
+              defaults: dict | None = None, colorizer=None) -> gr.Blocks:
     """The Gradio app.
 
     ``models_or_loader``: loaded models (``Models`` or ``LoadedModels``), or a callable
     ``(base, {name: path}, device, dtype) -> LoadedModels`` used when the user picks models
     (default :func:`load_named`; ``None`` loads the embedded demo model on first use).
     ``defaults`` overrides the option defaults (``steps``, ``resolution``, ``num_images``...).
+    ``colorizer``: models for the reference colorization tab (default: the shipped colorizer on
+    the embedded base, loaded on first use).
     """
     if callable(models_or_loader) and not hasattr(models_or_loader, "controlnets"):
         holder = ModelHolder(None, models_or_loader, device, dtype)
@@ -314,6 +389,9 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             names = list(got.models.controlnets)
             ups = [gr.update(choices=names, value=_pick_controlnet(t, names)) for t, _ in tab_net_dropdowns]
             return [f"Loaded ControlNets: {', '.join(names) or 'none'}", *ups]
+
+        colorize_holder = ModelHolder(_as_loaded(colorizer), _colorizer_loader, device, dtype)
+        _colorize_tab(colorize_holder, outputs_dir, d)
 
         load_btn.click(on_load, [base_dd, nets_dd], [model_status, *[dd for _, dd in tab_net_dropdowns]])
     return app
