@@ -378,3 +378,22 @@ def test_cli_data_commands(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "d")]) == 1
     out = capsys.readouterr().out
     assert "target/1.png" in out and "2 of 3 examples are readable" in out
+
+
+def test_ema_resumed_state_goes_where_the_parameters_live():
+    """Checkpoints load onto the CPU; a resumed EMA must follow the parameters to their device
+    (on CUDA the first update after a resume otherwise fails with a device mismatch)."""
+    from ctrlnet.training.state import EMA
+
+    on_cpu = EMA([("w", torch.nn.Parameter(torch.ones(3)))], 0.9)
+    on_cpu.update([("w", torch.full((3,), 3.0))])
+    saved = on_cpu.state_dict()
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))  # stands for an accelerator here
+    resumed = EMA([("w", meta)], 0.5)
+    resumed.load_state_dict(saved)
+    assert resumed.decay == 0.9 and resumed.shadow["w"].device.type == "meta"
+    resumed.update([("w", meta)])  # no device mismatch
+    back = EMA([("w", torch.nn.Parameter(torch.zeros(3)))], 0.5)
+    back.load_state_dict(saved)
+    assert torch.allclose(back.shadow["w"], torch.full((3,), 1.2))
+    assert back.shadow["w"] is not saved["shadow"]["w"]  # a copy, not the checkpoint's tensor

@@ -130,4 +130,6 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
         self.decay = state["decay"]
-        self.shadow = {n: t.float().clone() for n, t in state["shadow"].items()}
+        # checkpoints are read onto the CPU: each average goes back where its parameter lives
+        self.shadow = {n: t.to(self.shadow[n].device if n in self.shadow else t.device, torch.float32, copy=True)
+                       for n, t in state["shadow"].items()}
