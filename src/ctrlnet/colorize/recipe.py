@@ -193,6 +193,7 @@ def stage_vae(out: Path, r: ColorizeRecipe, data: Path, models, resume: bool) ->
 def stage_cache(out: Path, data: Path, models, cpu: bool = True) -> Path:
     """Encode every triple once: target moments, reference latents (mean), gray targets."""
     from ctrlnet.image import load_image
+    from ctrlnet.runtime.device import resolve_device
     from ctrlnet.training.builders import read_jsonl
     from ctrlnet.training.state import atomic_torch_save
 
@@ -200,8 +201,6 @@ def stage_cache(out: Path, data: Path, models, cpu: bool = True) -> Path:
     if cache.is_file():
         return cache
     rows = read_jsonl(data / "prompt.json")
-    from ctrlnet.runtime.device import resolve_device
-
     vae = models.vae
     dev = resolve_device("cpu" if cpu else "auto")
     vae.to(dev)
