@@ -1,5 +1,6 @@
 """The web app: built on a tiny random model, driven in real headless Chromium (Playwright)."""
 
+import contextlib
 import io
 import json
 import os
@@ -48,6 +49,21 @@ def _ensure_browser():
     from playwright.sync_api import sync_playwright
 
     return sync_playwright, exe
+
+
+@contextlib.contextmanager
+def _open_app(url: str):
+    """A headless Chromium page on the app at ``url`` (skips where no browser can be had)."""
+    sync_playwright, exe = _ensure_browser()
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -163,32 +179,24 @@ def test_scan_models_dir(tmp_path):
 
 
 def test_browser_upload_run_and_see_results(served, tmp_path):
-    sync_playwright, exe = _ensure_browser()
     url, out = served
     src = _photo()
     Image.fromarray(src).save(tmp_path / "in.png")
-    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#run-canny", timeout=60_000)
-            page.locator("#input-canny input[type=file]").set_input_files(str(tmp_path / "in.png"))
-            page.wait_for_selector("#input-canny img", timeout=30_000)
-            page.locator("#prompt-canny textarea").fill("a bright box")
-            page.locator("#run-canny").click()
-            page.wait_for_selector("#gallery-canny img, .toast-body", timeout=180_000)
-            assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
-            page.wait_for_selector("#map-canny img", timeout=30_000)
-            page.screenshot(path=str(SCREENSHOT_DIR / "webui_canny.png"), full_page=True)
-            seed = page.locator("#seed-canny input").input_value()
-            srcs = page.locator("#gallery-canny img").evaluate_all("els => els.map(e => e.src)")
-            result = page.request.get(srcs[0]).body()
-            cmap_src = page.locator("#map-canny img").first.get_attribute("src")
-            cmap = page.request.get(cmap_src).body()
-        finally:
-            browser.close()
+    with _open_app(url) as page:
+        page.wait_for_selector("#run-canny", timeout=60_000)
+        page.locator("#input-canny input[type=file]").set_input_files(str(tmp_path / "in.png"))
+        page.wait_for_selector("#input-canny img", timeout=30_000)
+        page.locator("#prompt-canny textarea").fill("a bright box")
+        page.locator("#run-canny").click()
+        page.wait_for_selector("#gallery-canny img, .toast-body", timeout=180_000)
+        assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
+        page.wait_for_selector("#map-canny img", timeout=30_000)
+        page.screenshot(path=str(SCREENSHOT_DIR / "webui_canny.png"), full_page=True)
+        seed = page.locator("#seed-canny input").input_value()
+        srcs = page.locator("#gallery-canny img").evaluate_all("els => els.map(e => e.src)")
+        result = page.request.get(srcs[0]).body()
+        cmap_src = page.locator("#map-canny img").first.get_attribute("src")
+        cmap = page.request.get(cmap_src).body()
     assert int(float(seed)) >= 0  # the seed actually used, not -1
     img = np.asarray(Image.open(io.BytesIO(result)).convert("RGB"))
     assert img.shape == src.shape
@@ -204,41 +212,34 @@ def test_browser_upload_run_and_see_results(served, tmp_path):
 
 
 def test_browser_scribble_canvas(served):
-    sync_playwright, exe = _ensure_browser()
     url, _ = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.get_by_role("tab", name="Scribble").click()
-            canvas = page.locator("#input-scribble canvas").first
-            canvas.wait_for(timeout=30_000)
-            # the editor sets its page up asynchronously; a stroke drawn before that is lost (seen
-            # under load), so draw again, up to three times, until the map shows it
-            src = None
-            for _ in range(3):
-                page.wait_for_timeout(500)
-                box = canvas.bounding_box()
-                cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the white page is centred
-                page.mouse.move(cx - 80, cy - 80)
-                page.mouse.down()
-                for k in range(1, 17):  # a diagonal stroke with the brush (black, the default)
-                    page.mouse.move(cx - 80 + 10 * k, cy - 80 + 10 * k, steps=2)
-                page.mouse.up()
-                page.locator("#run-scribble").click()
-                page.wait_for_function(  # a new map (or an error)
-                    "prev => { const i = document.querySelector('#map-scribble img');"
-                    " return document.querySelector('.toast-body') || (i && i.src !== prev); }",
-                    arg=src, timeout=180_000)
-                assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
-                src = page.locator("#map-scribble img").first.get_attribute("src")
-                cmap = page.request.get(src).body()
-                if (np.asarray(Image.open(io.BytesIO(cmap)).convert("L")) > 127).any():
-                    break
-            page.screenshot(path=str(SCREENSHOT_DIR / "webui_scribble.png"), full_page=True)
-        finally:
-            browser.close()
+    with _open_app(url) as page:
+        page.get_by_role("tab", name="Scribble").click()
+        canvas = page.locator("#input-scribble canvas").first
+        canvas.wait_for(timeout=30_000)
+        # the editor sets its page up asynchronously; a stroke drawn before that is lost (seen
+        # under load), so draw again, up to three times, until the map shows it
+        src = None
+        for _ in range(3):
+            page.wait_for_timeout(500)
+            box = canvas.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the white page is centred
+            page.mouse.move(cx - 80, cy - 80)
+            page.mouse.down()
+            for k in range(1, 17):  # a diagonal stroke with the brush (black, the default)
+                page.mouse.move(cx - 80 + 10 * k, cy - 80 + 10 * k, steps=2)
+            page.mouse.up()
+            page.locator("#run-scribble").click()
+            page.wait_for_function(  # a new map (or an error)
+                "prev => { const i = document.querySelector('#map-scribble img');"
+                " return document.querySelector('.toast-body') || (i && i.src !== prev); }",
+                arg=src, timeout=180_000)
+            assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
+            src = page.locator("#map-scribble img").first.get_attribute("src")
+            cmap = page.request.get(src).body()
+            if (np.asarray(Image.open(io.BytesIO(cmap)).convert("L")) > 127).any():
+                break
+        page.screenshot(path=str(SCREENSHOT_DIR / "webui_scribble.png"), full_page=True)
     m = np.asarray(Image.open(io.BytesIO(cmap)).convert("L"))
     # the drawn stroke became a white line on black, running down-right across the middle
     assert m.shape == (256, 256) and 0.005 < (m > 127).mean() < 0.25
@@ -251,29 +252,22 @@ def test_browser_reference_colorization(served, tmp_path):
     from ctrlnet.colorize.lab import lightness, to_gray
     from ctrlnet.colorize.synthetic import synthetic_clip
 
-    sync_playwright, exe = _ensure_browser()
     url, out = served
     ref, target = synthetic_clip(2, 96, seed=8)
     target = to_gray(target)  # what a user uploads: a grayscale picture
     Image.fromarray(ref).save(tmp_path / "ref.png")
     Image.fromarray(target).save(tmp_path / "gray.png")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.get_by_role("tab", name="Reference colorization").click()
-            page.locator("#input-colorize input[type=file]").set_input_files(str(tmp_path / "gray.png"))
-            page.locator("#reference-colorize input[type=file]").set_input_files(str(tmp_path / "ref.png"))
-            page.wait_for_selector("#reference-colorize img", timeout=30_000)
-            page.locator("#run-colorize").click()
-            page.wait_for_selector("#result-colorize img, .toast-body", timeout=180_000)
-            assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
-            page.screenshot(path=str(SCREENSHOT_DIR / "webui_colorize.png"), full_page=True)
-            src = page.locator("#result-colorize img").first.get_attribute("src")
-            result = page.request.get(src).body()
-        finally:
-            browser.close()
+    with _open_app(url) as page:
+        page.get_by_role("tab", name="Reference colorization").click()
+        page.locator("#input-colorize input[type=file]").set_input_files(str(tmp_path / "gray.png"))
+        page.locator("#reference-colorize input[type=file]").set_input_files(str(tmp_path / "ref.png"))
+        page.wait_for_selector("#reference-colorize img", timeout=30_000)
+        page.locator("#run-colorize").click()
+        page.wait_for_selector("#result-colorize img, .toast-body", timeout=180_000)
+        assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").first.inner_text()
+        page.screenshot(path=str(SCREENSHOT_DIR / "webui_colorize.png"), full_page=True)
+        src = page.locator("#result-colorize img").first.get_attribute("src")
+        result = page.request.get(src).body()
     img = np.asarray(Image.open(io.BytesIO(result)).convert("RGB"))
     assert img.shape == target.shape
     assert np.abs(lightness(img).astype(int) - lightness(target).astype(int)).max() <= 1
