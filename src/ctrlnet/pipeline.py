@@ -249,11 +249,15 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     if use_channels_last(dev, channels_last):
         for m in (models.base.unet, *models.controlnets.values()):
             m.to(memory_format=torch.channels_last)
-    if dt == torch.float16:
-        models.base.vae.float()  # the VAE decoder overflows in fp16 (as SD1.x VAEs are known to)
-        if not low_vram:
-            models.base.vae.to(dev)
+    place_vae(models, models.base.vae)
     return models
+
+
+def place_vae(models: Models, vae: AutoencoderKL) -> AutoencoderKL:
+    """Put ``vae`` in the dtype and on the device ``models`` run it with: fp32 where the rest is
+    fp16 (the VAE decoder overflows in fp16, as SD1.x VAEs are known to), on the CPU with low_vram."""
+    vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
+    return vae if models.low_vram else vae.to(models.device)
 
 
 def _all_modules(models: Models):

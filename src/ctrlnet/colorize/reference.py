@@ -18,7 +18,7 @@ import torch
 from ctrlnet.colorize.lab import merge_luminance, to_gray
 from ctrlnet.colorize.reference_model import ReferenceControlNet, load_reference_controlnet, load_reference_vae
 from ctrlnet.image import HWC3
-from ctrlnet.pipeline import ControlSpec, GenerationRequest, Models, demo_dir, generate, load_models
+from ctrlnet.pipeline import ControlSpec, GenerationRequest, Models, demo_dir, generate, load_models, place_vae
 
 COLORIZER_FILE = "colorize_reference.safetensors"  # shipped next to the demo base
 COLORIZER = "colorizer"  # its key in Models.controlnets
@@ -82,9 +82,7 @@ def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models
         net = load_reference_controlnet(path, base=models.config)
         vae = load_reference_vae(path, models.config)
         if vae is not None:
-            # fp32 like the pipeline's own VAE under fp16; with low_vram it waits on the CPU
-            vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
-            models.base = replace(models.base, vae=vae if models.low_vram else vae.to(models.device))
+            models.base = replace(models.base, vae=place_vae(models, vae))
     models.controlnets[COLORIZER] = net.to(device=models.device, dtype=models.dtype).eval()
     return models
 

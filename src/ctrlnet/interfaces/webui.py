@@ -207,9 +207,7 @@ def run_colorize(holder: ModelHolder, outputs_dir, gray, reference, opts: dict, 
         if progress is not None:
             progress((i, total), desc="sampling", unit="steps")
 
-    try:
-        if options.steps < 1:
-            raise ValueError(f"steps={options.steps}: give at least 1")
+    try:  # generate() validates the settings
         models = holder.get().models
         with holder.lock:
             image = colorize_image(models, gray, reference, options, report)
