@@ -17,11 +17,12 @@ Latent convention (the one every other part of ctrlnet uses):
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ctrlnet.runtime.tiling import tiled_apply
 
 # Keys that official VAE files may carry next to the weights and that a loader may drop:
 # the training loss (LPIPS/discriminator, ``loss.logvar``) and EMA bookkeeping
@@ -243,66 +244,6 @@ class DiagonalGaussian:
         """KL divergence to N(0, I), summed over (C, h, w): shape (B,)."""
         var = torch.exp(self.logvar)
         return 0.5 * torch.sum(self.mean.pow(2) + var - 1.0 - self.logvar, dim=(1, 2, 3))
-
-
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, tile - overlap))
-    return starts + [n - tile]
-
-
-def _ramp(length: int, ramp: int, left: bool, right: bool) -> torch.Tensor:
-    """1-D blend weights: linear ramps of ``ramp`` samples on sides that have a neighbour."""
-    i = torch.arange(length, dtype=torch.float32)
-    w = torch.ones(length)
-    if left:
-        w = torch.minimum(w, (i + 1) / (ramp + 1))
-    if right:
-        w = torch.minimum(w, (length - i) / (ramp + 1))
-    return w
-
-
-def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
-                overlap: int, unit_in: int, unit_out: int) -> torch.Tensor:
-    """Apply ``fn`` to overlapping tiles of ``x`` ``(B, C, H, W)`` and blend the results.
-
-    The grid is laid out in cells of ``unit_in`` input pixels, which map to ``unit_out`` output
-    pixels (decode: 1 -> 8, encode: 8 -> 1). ``tile`` and ``overlap`` count cells. Overlaps are
-    cross-faded with linear ramps whose weights are normalised, so for a purely local ``fn`` the
-    result equals ``fn(x)``.
-    """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    H, W = x.shape[-2:]
-    if H % unit_in or W % unit_in:
-        raise ValueError(f"tiled input size {H}x{W} must be a multiple of {unit_in}")
-    nh, nw = H // unit_in, W // unit_in
-    if nh <= tile and nw <= tile:
-        return fn(x)
-    ys, xs = _tile_starts(nh, tile, overlap), _tile_starts(nw, tile, overlap)
-    out = weight = None
-    out_dtype = x.dtype
-    ramp = overlap * unit_out
-    for y0 in ys:
-        th = min(tile, nh)
-        wy = _ramp(th * unit_out, ramp, y0 > 0, y0 + th < nh)
-        for x0 in xs:
-            tw = min(tile, nw)
-            part = fn(x[..., y0 * unit_in:(y0 + th) * unit_in, x0 * unit_in:(x0 + tw) * unit_in])
-            if out is None:
-                out_dtype = part.dtype
-                out = torch.zeros(*part.shape[:2], nh * unit_out, nw * unit_out,
-                                  dtype=torch.float32, device=part.device)
-                weight = torch.zeros(nh * unit_out, nw * unit_out, device=part.device)
-            wx = _ramp(tw * unit_out, ramp, x0 > 0, x0 + tw < nw)
-            w = (wy[:, None] * wx[None, :]).to(part.device)  # (th*u, tw*u)
-            ys_out = slice(y0 * unit_out, (y0 + th) * unit_out)
-            xs_out = slice(x0 * unit_out, (x0 + tw) * unit_out)
-            out[..., ys_out, xs_out] += part.float() * w
-            weight[ys_out, xs_out] += w
-            del part
-    return (out / weight).to(out_dtype)
 
 
 class AutoencoderKL(nn.Module):

@@ -1,0 +1,156 @@
+"""The loaded models and where they run: :class:`Models`, :func:`load_models`, random test models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ctrlnet.checkpoints.load import BaseModels, load_base, load_controlnet
+from ctrlnet.config import ModelConfig, get_preset
+from ctrlnet.models.controlnet import ControlNet
+from ctrlnet.models.text_encoder import build_text_encoder
+from ctrlnet.models.unet import UNetModel
+from ctrlnet.models.vae import AutoencoderKL
+from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last
+from ctrlnet.sampling.schedule import DiscreteSchedule
+
+# The prompts the original gradio apps add for the official SD1.5 ControlNets.
+ORIGINAL_ADDED_PROMPT = "best quality, extremely detailed"
+ORIGINAL_NEGATIVE_PROMPT = (
+    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality"
+)
+DEMO_BASE = "demo_base.safetensors"  # names written by ctrlnet.training.demo ship
+DEMO_CONTROL = "demo_control_fill50k.safetensors"
+
+
+@dataclass
+class Models:
+    """Loaded weights plus where they run."""
+
+    base: BaseModels
+    controlnets: dict[str, ControlNet]
+    device: torch.device
+    dtype: torch.dtype
+    low_vram: bool = False
+    defaults: dict = field(default_factory=dict)  # default added/negative prompts for this model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.base.config
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        return DiscreteSchedule(self.base.config.schedule)
+
+
+def demo_dir() -> Path:
+    return Path(str(resources.files("ctrlnet") / "assets" / "demo"))
+
+
+def random_base(preset: str, seed: int = 0) -> BaseModels:
+    """Random-weight models of a preset's architecture (for tests and smoke runs; images are noise)."""
+    cfg = get_preset(preset)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # default inits (biases) must not depend on global state
+        torch.manual_seed(seed)
+        unet = UNetModel(**cfg.unet.kwargs())
+        vae = AutoencoderKL(**cfg.vae.kwargs())
+        text = build_text_encoder(cfg.text, device="cpu")
+    for m in (unet, vae, text):
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim > 1:
+                    p.normal_(0, 0.5 / max(1.0, p[0].numel() ** 0.5), generator=g)
+        m.eval()
+    return BaseModels(cfg, unet, vae, text, f"random:{preset}")
+
+
+def random_controlnet(unet: UNetModel, name: str) -> ControlNet:
+    """A ControlNet copied from ``unet`` whose zero convs are random (so it acts), seeded by name."""
+    import zlib
+
+    seed = zlib.crc32(name.encode())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNet.from_unet(unet).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            if k.startswith(("zero_convs.", "middle_block_out.", "input_hint_block.14.")):
+                p.normal_(0, 0.05, generator=g)
+    return net
+
+
+def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str | None) -> BaseModels:
+    if spec is None or spec == "demo":
+        path = demo_dir() / DEMO_BASE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the embedded demo model is not built yet ({path} is missing); build it with "
+                "`python -m ctrlnet.training.demo build`, or pass --base random:tiny-sd1 / a checkpoint path"
+            )
+        return load_base(path, dtype=dtype)
+    if spec.startswith("random:"):
+        return random_base(spec.split(":", 1)[1])
+    return load_base(spec, parameterization=parameterization, dtype=dtype)
+
+
+def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
+                dtype="auto", low_vram: bool = False, parameterization: str | None = None,
+                channels_last: bool | None = None) -> Models:
+    """Load a base model and ControlNets by path (or ``"demo"``, ``"random:<preset>"``).
+
+    ``base=None`` is the embedded demo model, with its ControlNet when ``controlnets`` is empty.
+    ``low_vram`` keeps weights on the CPU and moves one stage at a time to the accelerator.
+    ``channels_last`` (default: on for CPU and CUDA) stores the UNet and ControlNets channels-last.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    b = _load_base_spec(base, torch.float32, parameterization)
+    if isinstance(controlnets, dict):
+        named = dict(controlnets)
+    else:
+        named = {}
+        for p in controlnets:
+            key = str(p).split(":", 1)[1] if str(p).startswith("random:") else Path(p).stem
+            while key in named:  # two files with one stem
+                key += "_"
+            named[key] = p
+    if base in (None, "demo") and not named and (demo_dir() / DEMO_CONTROL).is_file():
+        named = {"demo": str(demo_dir() / DEMO_CONTROL)}
+    nets: dict[str, ControlNet] = {}
+    for name, p in named.items():
+        if str(p).startswith("random:"):
+            net = random_controlnet(b.unet, name)
+        else:
+            net = load_controlnet(p, base=b.config)
+        nets[name] = net
+    defaults = {}
+    if b.config.name.startswith(("sd15", "checkpoint:", "diffusers:")) and b.config.unet.context_dim in (768, 1024):
+        defaults = {"added_prompt": ORIGINAL_ADDED_PROMPT, "negative_prompt": ORIGINAL_NEGATIVE_PROMPT}
+    models = Models(b, nets, dev, dt, low_vram, defaults)
+    for m in _all_modules(models):
+        m.to(dtype=dt)
+        if not low_vram:
+            m.to(dev)
+    if use_channels_last(dev, channels_last):
+        for m in (models.base.unet, *models.controlnets.values()):
+            m.to(memory_format=torch.channels_last)
+    place_vae(models, models.base.vae)
+    return models
+
+
+def place_vae(models: Models, vae: AutoencoderKL) -> AutoencoderKL:
+    """Put ``vae`` in the dtype and on the device ``models`` run it with: fp32 where the rest is
+    fp16 (the VAE decoder overflows in fp16, as SD1.x VAEs are known to), on the CPU with low_vram."""
+    vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
+    return vae if models.low_vram else vae.to(models.device)
+
+
+def _all_modules(models: Models):
+    return [models.base.unet, models.base.vae, models.base.text_encoder, *models.controlnets.values()]
