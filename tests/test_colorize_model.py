@@ -19,7 +19,7 @@ from ctrlnet.colorize.reference_model import (
     unpack_hint,
 )
 from ctrlnet.models.controlnet import ControlNet
-from ctrlnet.pipeline import ControlSpec, GenerationRequest, _encode_prompts, generate, load_models, random_base
+from ctrlnet.pipeline import ControlSpec, GenerationRequest, encode_prompts, generate, load_models, random_base
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser
 
 
@@ -166,9 +166,9 @@ def test_colorizer_file_carries_its_autoencoder_and_add_colorizer_installs_it(ba
 
 def test_pipeline_prompt_chunks_and_reference_spec(tmp_path):
     models = load_models("random:tiny-sd1", {}, device="cpu", dtype="fp32")
-    cond, uncond = _encode_prompts(models, ["a cat"], [""], clip_skip=2, min_chunks=3)
+    cond, uncond = encode_prompts(models, ["a cat"], [""], clip_skip=2, min_chunks=3)
     assert cond.shape[1] == uncond.shape[1] == 231
-    one, _ = _encode_prompts(models, ["a cat"], [""], clip_skip=2)
+    one, _ = encode_prompts(models, ["a cat"], [""], clip_skip=2)
     assert one.shape[1] == 77
     assert torch.equal(cond[:, :77], one)  # the first window is the short prompt's encoding
     with pytest.raises(ValueError, match="prompt_chunks"):
@@ -196,7 +196,7 @@ def test_lineart_colorization_end_to_end(tmp_path, monkeypatch):
 
     import cv2
 
-    import ctrlnet.pipeline as pipeline
+    import ctrlnet.generation.run as pipeline
     from ctrlnet.colorize.lineart import colorize_lineart
     from ctrlnet.interfaces.colorize_cli import add_colorize_parser
 
@@ -205,7 +205,7 @@ def test_lineart_colorization_end_to_end(tmp_path, monkeypatch):
     real = pipeline.Denoiser
 
     def spy(unet, schedule, cond, uncond, *a, **k):
-        seen.append((cond.shape, a[1][0].guess_mode if len(a) > 1 else None))
+        seen.append((cond.shape, a[1][0].cond_only and a[1][0].soft if len(a) > 1 else None))
         return real(unet, schedule, cond, uncond, *a, **k)
 
     monkeypatch.setattr(pipeline, "Denoiser", spy)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ctrlnet.image import ImageError, load_image
-from ctrlnet.pipeline import ControlSpec, GenerationRequest, generate, load_models, prepare_hint
+from ctrlnet.generation.preprocess import annotate
+from ctrlnet.pipeline import ControlSpec, GenerationRequest, generate, load_models
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +99,15 @@ def test_bad_images(tmp_path, models):
     with pytest.raises(ImageError, match="at least 8"):
         generate(models, GenerationRequest(controls=[ControlSpec(np.zeros((1, 1, 3), np.uint8))], resolution=64, steps=1))
     with pytest.raises(ImageError):
-        prepare_hint(ControlSpec(np.zeros((20000, 5), np.uint8)), 512)
+        annotate(ControlSpec(), np.zeros((20000, 5), np.uint8), (512, 512), 512)
 
 
 def test_alpha_and_gray_inputs(models):
     rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent -> white
-    cmap = prepare_hint(ControlSpec(rgba), 64)
+    cmap = annotate(ControlSpec(), rgba, (64, 64), 64)
     assert cmap.min() == 255
     gray16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
-    assert prepare_hint(ControlSpec(gray16), 64).shape == (64, 64, 3)
+    assert annotate(ControlSpec(), gray16, (64, 64), 64).shape == (64, 64, 3)
 
 
 def test_half_precision_and_low_vram_track_fp32():

@@ -129,6 +129,9 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
             net = random_controlnet(b.unet, name)
         else:
             net = load_controlnet(p, base=b.config)
+            # the v1.1 shuffle model pools its residuals (its yaml's global_average_pooling; ComfyUI
+            # and sd-webui-controlnet recognise it by name too)
+            net.global_average_pooling = "shuffle" in Path(str(p)).name.lower()
         nets[name] = net
     defaults = {}
     if b.config.name.startswith(("sd15", "checkpoint:", "diffusers:")) and b.config.unet.context_dim in (768, 1024):

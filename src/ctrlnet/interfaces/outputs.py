@@ -55,9 +55,10 @@ def model_spec(spec: str | None) -> str | None:
 
 def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[str, str],
                   dtype: str | None = None, control_files: list[str] = (),
-                  reference_files: dict[int, str] | None = None) -> dict[str, str]:
-    """The PNG text chunks for a result: ``parameters`` plus the extended ``ctrlnet`` JSON."""
-    meta = result_metadata(result, base or "demo")
+                  reference_files: dict[int, str] | None = None, k: int = 0) -> dict[str, str]:
+    """The PNG text chunks for image ``k`` of a result: ``parameters`` plus the extended ``ctrlnet``
+    JSON, which records that image's own seed and ``num_images=1`` (so it is made again alone)."""
+    meta = result_metadata(result, base or "demo", k)
     record = json.loads(meta[RECORD_KEY])
     record.update(base=base, controlnets=dict(controlnets), control_maps=list(control_files), dtype=dtype)
     if reference_files:
@@ -87,8 +88,10 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
     maps = [save_image(m, free_name(out, f"{result.seed}_control{i}")) for i, m in enumerate(result.control_maps)]
     refs = {i: save_image(c.reference, free_name(out, f"{result.seed}_reference{i}")).name
             for i, c in enumerate(result.request.controls) if c.reference is not None}
-    meta = result_chunks(result, base, controlnets, dtype, [p.name for p in maps], refs)
-    images = [save_image(img, free_name(out, f"{result.seed}_{i}"), meta) for i, img in enumerate(result.images)]
+    names = [p.name for p in maps]
+    images = [save_image(img, free_name(out, f"{result.seed}_{i}"),
+                         result_chunks(result, base, controlnets, dtype, names, refs, k=i))
+              for i, img in enumerate(result.images)]
     return SavedResult(images, maps)
 
 

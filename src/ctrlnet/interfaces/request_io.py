@@ -7,6 +7,9 @@ The web UI, the HTTP API and ``ctrlnet generate --from-png`` all turn a plain di
 from __future__ import annotations
 
 import inspect
+import types
+import typing
+from enum import Enum
 from dataclasses import fields
 from functools import lru_cache
 
@@ -65,26 +68,28 @@ def check_annotator_params(annotator: str | None, params: dict, where: str = "an
     return out
 
 
-_SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
-
-
 def _scalar_fields(cls) -> dict[str, type]:
-    """Dataclass fields whose annotation is a scalar (``int``, ``float | None``...), by name -> type.
+    """Dataclass fields whose type is a scalar or an enum (``int``, ``float | None``, ``ControlMode``...),
+    by name -> type.
 
-    Taken from the annotations so fields added to the request later are accepted without edits here;
+    Taken from the type hints so fields added to the request later are accepted without edits here;
     arrays, lists and dicts are left out (images travel separately).
     """
+    hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
-        head = str(f.type).split("|")[0].strip()
-        if head in _SCALAR_TYPES:
-            out[f.name] = _SCALAR_TYPES[head]
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if args and typing.get_origin(t) in (typing.Union, types.UnionType):
+            t = args[0] if len(args) == 1 else t
+        if t in (bool, int, float, str) or (isinstance(t, type) and issubclass(t, Enum)):
+            out[f.name] = t
     return out
 
 
 _TYPES = _scalar_fields(GenerationRequest)
 _CONTROL_TYPES = _scalar_fields(ControlSpec)
-_REQUEST_FIELDS = {**_TYPES, "controls": list}
+_REQUEST_FIELDS = {**_TYPES, "controls": list, "loras": list}
 _CONTROL_FIELDS = {*_CONTROL_TYPES, "annotator_params"}
 # Fields the caller of generate() decides (noise device), not a client.
 _SERVER_ONLY = {"noise_device"}
@@ -93,6 +98,12 @@ _SERVER_ONLY = {"noise_device"}
 def _typed(name: str, value, kind):
     if value is None:
         return None
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is unknown; choose one of: "
+                             f"{', '.join(m.value for m in kind)}") from None
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r} must be true or false")
@@ -137,6 +148,18 @@ def control_from_dict(d: dict, index: int = 0, image=None) -> ControlSpec:
     return ControlSpec(image=image, **kw)
 
 
+def _loras(items) -> list[tuple[str, float]]:
+    if not isinstance(items, list):
+        raise ValueError("loras must be a list of [name, weight] pairs")
+    out = []
+    for i, it in enumerate(items):
+        if not (isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str)
+                and isinstance(it[1], (int, float)) and not isinstance(it[1], bool)):
+            raise ValueError(f"loras[{i}] must be a [name, weight] pair")
+        out.append((it[0], float(it[1])))
+    return out
+
+
 def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> GenerationRequest:
     """A GenerationRequest from a dict shaped like :meth:`GenerationRequest.to_dict`.
 
@@ -152,12 +175,13 @@ def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> 
         raise ValueError(f"unknown request fields {unknown}")
     kw = {}
     for k, v in d.items():
-        if k == "controls":
+        if k in ("controls", "loras"):
             continue
         t = _typed(k, v, _TYPES[k])
         if t is None and k not in ("added_prompt", "negative_prompt"):
             continue  # null = the default
         kw[k] = t
+    kw["loras"] = _loras(d.get("loras") or [])
     controls = d.get("controls") or []
     if not isinstance(controls, list):
         raise ValueError("controls must be a list")

@@ -105,11 +105,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """2x nearest, or nearest to ``size`` (the next skip's size when a side was odd on the way down,
+        as diffusers' ``upsample_size``), then a 3x3 conv."""
+        kw = {"size": tuple(size)} if size is not None else {"scale_factor": 2.0}
         if x.dtype == torch.bfloat16:  # nearest upsampling lacks bf16 kernels on some builds
-            x = F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(torch.bfloat16)
+            x = F.interpolate(x.float(), mode="nearest", **kw).to(torch.bfloat16)
         else:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = F.interpolate(x, mode="nearest", **kw)
         return self.conv(x)
 
 
@@ -231,9 +234,12 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that hands the timestep embedding and the context to the blocks that take them."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in self:
-            if isinstance(layer, TimestepBlock):
+            if isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            elif isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)

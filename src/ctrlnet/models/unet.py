@@ -193,5 +193,7 @@ class UNetModel(Encoder):
             skip = hs.pop()
             if control is not None and not only_mid_control:
                 skip = skip + control[len(hs)]
-            h = module(torch.cat([h, skip], dim=1), emb, context)
+            # latent sides that are not multiples of 8 (SD) round up on the way down: upsample to the
+            # next skip's size so any multiple-of-8 image works
+            h = module(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(h)

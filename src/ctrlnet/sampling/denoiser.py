@@ -13,10 +13,11 @@ from ctrlnet.sampling.schedule import DiscreteSchedule, vp_scale
 GUESS_MODE_DECAY = 0.825
 
 
-def control_scales(strength: float, guess_mode: bool, n: int = 13) -> list[float]:
-    """Per-residual scales: ``strength`` each, or ``strength * 0.825**(12-i)`` in guess mode
-    (deep residuals strongest), as the original apps set ``model.control_scales``."""
-    if guess_mode:
+def control_scales(strength: float, soft: bool, n: int = 13) -> list[float]:
+    """Per-residual scales: ``strength`` each, or ``strength * 0.825**(12-i)`` with ``soft``
+    (deep residuals strongest), as the original apps' guess mode and sd-webui-controlnet's
+    soft injection set ``model.control_scales``."""
+    if soft:
         return [strength * GUESS_MODE_DECAY ** float(n - 1 - i) for i in range(n)]
     return [strength] * n
 
@@ -25,12 +26,14 @@ def control_scales(strength: float, guess_mode: bool, n: int = 13) -> list[float
 class ControlInput:
     """One ControlNet applied during sampling.
 
-    ``hint``: (B or 1, C, H, W) in [0, 1] at 8x the latent size. ``start``/``end``: the fraction of
-    sampling steps during which it acts. ``guess_mode``: the unconditional branch gets no control
-    and residuals decay with depth. ``global_average_pooling``: the v1.1 shuffle models' pooled
-    residuals (also applied to the conditional branch only). ``latent_cond``: (B or 1, C, h, w)
-    latents passed to the net as ``latent_cond=`` with the noisy latent (reference colorization),
-    on both branches like the hint.
+    ``hint``: (B or 1, C, H, W), in [0, 1] (the inpaint model's hint also holds -1), at 8x the
+    latent size. ``start``/``end``: the fraction of sampling steps during which it acts.
+    ``soft``: per-residual decaying scales (:func:`control_scales`). ``cond_only``: the
+    unconditional CFG half gets no control. ``guess_mode=True`` sets both (the original apps'
+    guess mode = sd-webui-controlnet's "ControlNet is more important"). ``global_average_pooling``:
+    the v1.1 shuffle models' pooled residuals (conditional half only, as the original).
+    ``latent_cond``: (B or 1, C, h, w) latents passed to the net as ``latent_cond=`` with the noisy
+    latent (reference colorization), on both branches like the hint.
     """
 
     net: torch.nn.Module
@@ -41,25 +44,49 @@ class ControlInput:
     guess_mode: bool = False
     global_average_pooling: bool = False
     latent_cond: torch.Tensor | None = None
+    soft: bool = False
+    cond_only: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"control window must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
         if self.hint.ndim != 4:
             raise ValueError(f"hint must be (B, C, H, W), got shape {tuple(self.hint.shape)}")
+        if self.guess_mode:
+            self.soft = self.cond_only = True
+
+
+def _crop(t: torch.Tensor, region: tuple[int, int, int, int] | None, unit: int) -> torch.Tensor:
+    """``t[..., y0*unit:y1*unit, x0*unit:x1*unit]`` for a latent-cell ``region`` (None = all)."""
+    if region is None:
+        return t
+    y0, y1, x0, x1 = region
+    return t[..., y0 * unit:y1 * unit, x0 * unit:x1 * unit]
+
+
+def _batch(t: torch.Tensor, b: int, n: int, what: str) -> torch.Tensor:
+    """Bring a (1 or b, ...) tensor to the batch of ``n`` rows (n = b, or 2b with CFG)."""
+    t = t.expand(b, *t.shape[1:]) if t.shape[0] == 1 else t
+    if t.shape[0] != b:
+        raise ValueError(f"{what} batch {t.shape[0]} does not match latent batch {b}")
+    return torch.cat([t] * (n // b)) if n != b else t
 
 
 class Denoiser:
     """Callable ``(x, sigma) -> x0`` for the samplers.
 
     Conditional and unconditional branches run as one batch ``[cond | uncond]``; each ControlNet's
-    residuals are scaled and summed before the UNet adds them.
+    residuals are scaled and summed before the UNet adds them. ``c_concat`` (B or 1, C', h, w) is
+    concatenated to the UNet's input on both halves (the mask and masked-image latents of 9-channel
+    inpainting UNets, as diffusers' inpaint pipelines); ControlNets see the plain latent.
+    ``region(x, sigma, (y0, y1, x0, x1))`` denoises a latent tile whose place in the whole latent
+    is given, cropping hints, ``latent_cond`` and ``c_concat`` to it (tiled sampling).
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: DiscreteSchedule, cond: torch.Tensor,
                  uncond: torch.Tensor | None = None, guidance_scale: float = 9.0,
                  controls: Sequence[ControlInput] = (), only_mid_control: bool = False,
-                 sigmas: torch.Tensor | None = None):
+                 sigmas: torch.Tensor | None = None, c_concat: torch.Tensor | None = None):
         self.unet = unet
         self.schedule = schedule
         self.cond = cond  # (B, L, D)
@@ -68,6 +95,7 @@ class Denoiser:
         self.controls = list(controls)
         self.only_mid_control = only_mid_control
         self.sigmas = sigmas
+        self.c_concat = c_concat
         self.use_cfg = uncond is not None and guidance_scale != 1.0
         if self.use_cfg and uncond.shape[1:] != cond.shape[1:]:
             raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} contexts differ in shape")
@@ -80,28 +108,22 @@ class Denoiser:
         i = int((self.sigmas[:-1].double() - sigma).abs().argmin())
         return i / (len(self.sigmas) - 1)
 
-    def _residuals(self, z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, sigma: float):
+    def _residuals(self, z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, sigma: float, region=None):
         total = None
         b = z.shape[0] // 2 if self.use_cfg else z.shape[0]
         p = self.progress(sigma)
         for c in self.controls:
             if p < c.start or p > c.end or c.strength == 0:
                 continue
-            cond_only = self.use_cfg and (c.guess_mode or c.global_average_pooling)
+            cond_only = self.use_cfg and (c.cond_only or c.global_average_pooling)
             n = b if cond_only else z.shape[0]
-            hint = c.hint.to(device=z.device, dtype=self.dtype)
-            hint = hint.expand(b, -1, -1, -1) if hint.shape[0] == 1 else hint
-            if hint.shape[0] != b:
-                raise ValueError(f"hint batch {hint.shape[0]} does not match latent batch {b}")
-            if n != hint.shape[0]:
-                hint = torch.cat([hint] * (n // b))
+            hint = _batch(_crop(c.hint, region, 8).to(device=z.device, dtype=self.dtype), b, n, "hint")
             extra = {}
             if c.latent_cond is not None:
-                lc = c.latent_cond.to(device=z.device, dtype=self.dtype)
-                lc = lc.expand(b, -1, -1, -1) if lc.shape[0] == 1 else lc
-                extra["latent_cond"] = torch.cat([lc] * (n // b)) if n != b else lc
+                lc = _crop(c.latent_cond, region, 1).to(device=z.device, dtype=self.dtype)
+                extra["latent_cond"] = _batch(lc, b, n, "latent_cond")
             res = c.net(z[:n], hint, t[:n], ctx[:n], **extra)
-            scales = control_scales(c.strength, c.guess_mode, len(res))
+            scales = control_scales(c.strength, c.soft, len(res))
             out = []
             for r, s in zip(res, scales):
                 if c.global_average_pooling:
@@ -115,6 +137,12 @@ class Denoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.region(x, sigma, None)
+
+    @torch.no_grad()
+    def region(self, x: torch.Tensor, sigma: torch.Tensor, region: tuple[int, int, int, int] | None):
+        """Denoise ``x`` (B, C, h, w), the latent cells ``region`` = (y0, y1, x0, x1) of the whole
+        latent the hints were made for (None: all of it)."""
         sigma = sigma.to(torch.float64)
         scale = vp_scale(sigma).to(x.device, torch.float32)[:, None, None, None]
         z = (x * scale).to(self.dtype)  # (B, C, h, w): the model's input scale
@@ -124,8 +152,12 @@ class Denoiser:
             z = torch.cat([z, z])
             t = torch.cat([t, t])
             ctx = torch.cat([ctx, self.uncond.to(device=x.device, dtype=self.dtype)])
-        control = self._residuals(z, t, ctx, float(sigma[0])) if self.controls else None
-        out = self.unet(z, t, ctx, control=control, only_mid_control=self.only_mid_control).float()
+        control = self._residuals(z, t, ctx, float(sigma[0]), region) if self.controls else None
+        z_in = z
+        if self.c_concat is not None:
+            cc = _crop(self.c_concat, region, 1).to(device=x.device, dtype=self.dtype)
+            z_in = torch.cat([z, _batch(cc, x.shape[0], z.shape[0], "c_concat")], dim=1)
+        out = self.unet(z_in, t, ctx, control=control, only_mid_control=self.only_mid_control).float()
         if self.use_cfg:
             out_c, out_u = out.chunk(2)
             out = out_u + self.guidance_scale * (out_c - out_u)
@@ -134,3 +166,22 @@ class Denoiser:
             # x0 = sqrt(a) z - sqrt(1-a) v, with z = x sqrt(a), a = 1 / (1 + sigma^2)
             return x * scale**2 - out * s * scale
         return x - s * out
+
+
+class TiledDenoiser:
+    """A :class:`Denoiser` evaluated on overlapping latent tiles of ``tile`` cells with ``overlap``
+    cells of linear cross-fade (MultiDiffusion-style), so each model call sees one tile and peak
+    memory does not grow with the image. Each tile gets its crop of every hint."""
+
+    def __init__(self, denoiser: Denoiser, tile: int, overlap: int):
+        self.denoiser = denoiser
+        self.tile = tile
+        self.overlap = overlap
+        self.sigmas = denoiser.sigmas
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        from ctrlnet.runtime.tiling import tiled_apply
+
+        return tiled_apply(lambda part, reg: self.denoiser.region(part, sigma, reg), x, self.tile,
+                           self.overlap, 1, 1, with_region=True)

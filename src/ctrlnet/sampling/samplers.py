@@ -15,7 +15,11 @@ import torch
 Callback = Callable[[dict], None]
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise like ``x``: from ``generator`` (a torch.Generator, or a callable noise
+    source such as per-image generators ``generator(x) -> noise``), else the global RNG."""
+    if callable(generator) and not isinstance(generator, torch.Generator):
+        return generator(x)
     if generator is None:
         return torch.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x)

@@ -1,0 +1,69 @@
+"""What generate() returns, and the record that makes each image again (A1111 ``parameters``
+infotext and our JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ctrlnet.generation.request import GenerationRequest
+
+
+@dataclass
+class GenerationResult:
+    """``images``: (H, W, 3) uint8 each; ``control_maps``: the maps used, (H, W, C) uint8, one per unit
+    (at the last pass's size); ``seed``: the batch's seed (image k used ``seeds[k]``);
+    ``request``: the request with the seed and prompts actually used."""
+
+    images: list[np.ndarray]
+    control_maps: list[np.ndarray]
+    seed: int
+    request: GenerationRequest
+    seeds: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.seeds:
+            self.seeds = [self.seed + k for k in range(len(self.images))]
+
+    def image_request(self, k: int) -> GenerationRequest:
+        """The request that makes image ``k`` alone (its own seed, one image)."""
+        return replace(self.request, seed=self.seeds[k], num_images=1)
+
+    def parameters_text(self, model_name: str = "", k: int = 0) -> str:
+        """An A1111-style ``parameters`` string for image ``k``: prompt, negative prompt, settings."""
+        r = self.request
+        h, w = self.images[k].shape[:2]
+        prompt = r.prompt + (f", {r.added_prompt}" if r.added_prompt else "")
+        settings = [f"Steps: {r.steps}", f"Sampler: {r.sampler}", f"CFG scale: {r.guidance_scale}",
+                    f"Seed: {self.seeds[k]}", f"Size: {w}x{h}"]
+        if r.schedule:
+            settings.append(f"Schedule type: {r.schedule}")
+        if r.eta is not None:
+            settings.append(f"Eta: {r.eta}")
+        if model_name:
+            settings.append(f"Model: {model_name}")
+        if r.init_image is not None:
+            settings.append(f"Denoising strength: {r.denoising_strength}")
+        if r.mask is not None:
+            settings.append(f"Mask blur: {r.mask_blur}")
+        if r.hires_scale > 1:
+            settings += [f"Hires upscale: {r.hires_scale}", f"Hires steps: {r.hires_steps}",
+                         f"Hires upscaler: {r.hires_upscaler.value}"]
+            if r.init_image is None:
+                settings.insert(-3, f"Denoising strength: {r.hires_denoising_strength}")
+        for i, c in enumerate(r.controls):
+            settings.append(f"ControlNet {i}: \"Module: {c.annotator or 'none'}, Model: {c.model or 'default'}, "
+                            f"Weight: {c.strength}, Resize Mode: {c.resize_mode.value}, "
+                            f"Guidance Start: {c.start}, Guidance End: {c.end}, Pixel Perfect: {c.pixel_perfect}, "
+                            f"Control Mode: {c.mode(r.guess_mode).value}\"")
+        for name, wt in r.loras:
+            settings.append(f"Lora: {name}:{wt}")
+        return f"{prompt}\nNegative prompt: {r.negative_prompt or ''}\n" + ", ".join(settings)
+
+
+def result_metadata(result: GenerationResult, model_name: str = "", k: int = 0) -> dict[str, str]:
+    """PNG text chunks for image ``k``: A1111 ``parameters`` and our JSON ``ctrlnet`` (its own seed)."""
+    return {"parameters": result.parameters_text(model_name, k),
+            "ctrlnet": json.dumps({"request": result.image_request(k).to_dict(), "model": model_name})}
