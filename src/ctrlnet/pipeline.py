@@ -18,6 +18,7 @@ import torch
 
 from ctrlnet.checkpoints.load import BaseModels, load_base, load_controlnet
 from ctrlnet.config import ModelConfig, get_preset
+from ctrlnet.generation.prompts import encode_prompts
 from ctrlnet.image import HWC3, ImageError, check_size, resize_image
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
@@ -306,13 +307,7 @@ def _hint_tensor(cmap: np.ndarray, channels: int) -> torch.Tensor:
 
 
 def _encode_prompts(models: Models, cond: list[str], uncond: list[str], clip_skip: int, min_chunks: int = 1):
-    te = models.base.text_encoder
-    layer = "penultimate" if clip_skip == 2 else None
-    k = max(min_chunks, te.chunk_ids(cond).shape[1], te.chunk_ids(uncond).shape[1])
-    if k == 1:
-        return te(cond, layer=layer), te(uncond, layer=layer)
-    return (te.encode_chunked(cond, n_chunks=k, min_chunks=k, layer=layer),
-            te.encode_chunked(uncond, n_chunks=k, min_chunks=k, layer=layer))
+    return encode_prompts(models.base.text_encoder, cond, uncond, clip_skip=clip_skip, min_chunks=min_chunks)
 
 
 def encode_image(models: Models, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
