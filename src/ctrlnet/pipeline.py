@@ -47,7 +47,8 @@ class ControlSpec:
     """One control: an image, how to turn it into a hint, and how strongly to follow it.
 
     ``annotator=None`` uses ``image`` as a ready-made control map; otherwise the registry
-    annotator runs on the resized image with ``annotator_params``.
+    annotator runs on the resized image with ``annotator_params``. An RGBA / gray+alpha image is
+    composited on black for a ready-made map and on white for an annotator.
     """
 
     image: np.ndarray | None = None
@@ -274,7 +275,8 @@ def prepare_hint(spec: ControlSpec, resolution: int, size: tuple[int, int] | Non
     """
     if spec.image is None:
         raise ValueError("a control needs an image (a control map, or a picture to annotate)")
-    img = HWC3(np.asarray(spec.image))
+    ready_map = not spec.annotator or spec.annotator == "none"
+    img = HWC3(np.asarray(spec.image), background=0 if ready_map else 255)  # strokes on transparent: on black
     check_size(*img.shape[:2])
     img = resize_image(img, resolution)
     h, w = img.shape[:2] if size is None else size
