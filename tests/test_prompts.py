@@ -9,7 +9,6 @@ second, independent reading of the same algorithm.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 import re

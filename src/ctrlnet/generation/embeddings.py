@@ -39,7 +39,7 @@ class EmbeddingError(ValueError):
     """An embedding file that cannot be used; the message names the file or the embedding."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: tensors have no single truth value
 class Embedding:
     """One textual-inversion embedding.
 

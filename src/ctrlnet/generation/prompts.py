@@ -323,7 +323,10 @@ def encode_prompts(text_encoder, cond: Sequence[str], uncond: Sequence[str], *, 
     z = _encode_windows(text_encoder, rows, layer)  # (U*k, 77, C)
     z = z.reshape(len(unique), k * z.shape[1], z.shape[2])  # windows side by side along the sequence
     where = {p: i for i, p in enumerate(unique)}
-    pick = lambda ps: z[torch.tensor([where[p] for p in ps], device=z.device)]  # noqa: E731
+
+    def pick(prompts: list[str]) -> torch.Tensor:
+        return z[torch.tensor([where[p] for p in prompts], device=z.device)]
+
     return pick(cond), pick(uncond)
 
 

@@ -235,7 +235,8 @@ class TextEncoder(nn.Module):
         layer = self.cfg.layer if layer is None else layer
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
-        if token_embeds.ndim != 3 or token_embeds.shape[1] > self.cfg.max_length or token_embeds.shape[2] != self.cfg.width:
+        c = self.cfg
+        if token_embeds.ndim != 3 or token_embeds.shape[1] > c.max_length or token_embeds.shape[2] != c.width:
             raise ValueError(f"token embeddings must be (B, L<={self.cfg.max_length}, {self.cfg.width}), "
                              f"got {tuple(token_embeds.shape)}")
         blocks = self._blocks()
