@@ -103,9 +103,9 @@ def test_bad_images(tmp_path, models):
 
 
 def test_alpha_and_gray_inputs(models):
-    rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent -> white
-    cmap = annotate(ControlSpec(), rgba, (64, 64), 64)
-    assert cmap.min() == 255
+    rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent: black for a ready map, white for an annotator
+    assert annotate(ControlSpec(), rgba, (64, 64), 64).max() == 0
+    assert annotate(ControlSpec(annotator="tile"), rgba, (64, 64), 64).min() == 255  # tile passes the picture through
     gray16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
     assert annotate(ControlSpec(), gray16, (64, 64), 64).shape == (64, 64, 3)
 

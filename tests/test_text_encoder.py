@@ -1,5 +1,5 @@
 """Text towers: checkpoint key layout, parity with transformers' CLIPTextModel after key conversion,
-conversion round trips, chunked encoding."""
+conversion round trips, the token-embedding hook."""
 
 from __future__ import annotations
 
@@ -224,32 +224,24 @@ def test_openclip_conversion_round_trip_and_unrecoverable_keys():
         openclip_fill_unrecoverable(rec, replace(cfg, layer="last"))
 
 
-def test_chunked_encoding():
-    enc = _randomize(build_text_encoder(TINY_SD1.text, "cpu"), 5)
-    short, long = "a photo of a cat", ", ".join(["cat"] * 60)  # 5 and 119 tokens
-    with torch.no_grad():
-        ctx = enc.encode_chunked([short, long], n_chunks=3)
-        assert ctx.shape == (2, 154, 32)
-        single = enc([short, long])
-        assert torch.equal(ctx[0, :77], single[0])  # a short prompt's first chunk is the plain encoding
-        assert torch.equal(ctx[1, :77], single[1])  # the first window equals the truncated encoding
-        empty = enc([""])[0]
-        assert torch.allclose(ctx[0, 77:], empty, atol=1e-6)  # padded with an empty window
-        second = enc.tokenizer.chunks(long, 3)[1]
-        assert torch.allclose(ctx[1, 77:], enc.encode_ids(torch.tensor([second]))[0], atol=1e-6)
-        assert not torch.allclose(ctx[1, 77:], empty, atol=1e-3)
-
-        only_short = enc.encode_chunked([short])
-        assert only_short.shape == (1, 77, 32) and torch.equal(only_short, enc([short]))
-        anime = enc.encode_chunked([short], n_chunks=3, min_chunks=3, layer="penultimate")
-        assert anime.shape == (1, 231, 32)
-        assert torch.equal(anime[:, :77], enc([short], layer="penultimate"))
-        capped = enc.encode_chunked([" ".join(["cat"] * 400)], n_chunks=2)
-        assert capped.shape == (1, 154, 32)
-
-    sd2 = build_text_encoder(TINY_SD2.text, "cpu")
-    ids = sd2.chunk_ids([short, long])
-    assert ids.shape == (2, 2, 77) and ids[0, 1, 2:].eq(0).all()  # SD2 pads windows with zeros
+def test_token_embedding_hook():
+    """embed_tokens + encode_embeds is encode_ids; rows replaced in between reach the blocks
+    (the path textual-inversion embeddings take; prompt policy is tested in test_prompts.py)."""
+    for cfg, seed in ((TINY_SD1.text, 5), (TINY_SD2.text, 6)):
+        enc = _randomize(build_text_encoder(cfg, "cpu"), seed)
+        ids = enc.tokenizer(["a photo of a cat", "a photo of a dog"], pad=enc.pad)
+        with torch.no_grad():
+            embeds = enc.embed_tokens(ids)  # (2, 77, C)
+            assert embeds.shape == (2, 77, cfg.width)
+            assert torch.equal(enc.encode_embeds(embeds), enc.encode_ids(ids))
+            assert torch.equal(enc.encode_embeds(embeds, "penultimate"), enc.encode_ids(ids, "penultimate"))
+            dog = embeds[1, 5].clone()
+            embeds[0, 5] = dog  # "cat" -> the vector of "dog"
+            assert torch.equal(enc.encode_embeds(embeds)[0], enc.encode_ids(ids)[1])
+        with pytest.raises(ValueError, match="token embeddings must be"):
+            enc.encode_embeds(torch.zeros(1, 78, cfg.width))
+        with pytest.raises(ValueError, match="token embeddings must be"):
+            enc.encode_embeds(torch.zeros(1, 77, cfg.width + 1))
 
 
 def test_config_errors():

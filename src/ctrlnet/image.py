@@ -38,8 +38,10 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     raise ImageError(f"unsupported image dtype {x.dtype}")
 
 
-def HWC3(x: np.ndarray) -> np.ndarray:
-    """Return an (H, W, 3) uint8 image: gray is repeated, RGBA is composited on white."""
+def HWC3(x: np.ndarray, background: int = 255) -> np.ndarray:
+    """Return an (H, W, 3) uint8 image: gray is repeated, an alpha channel (gray+alpha or RGBA)
+    is composited on a gray level ``background``: 255 (white, as the original apps' HWC3) for
+    pictures, 0 for ready-made control maps (white strokes on transparent stay white on black)."""
     x = to_uint8(np.asarray(x))
     if x.ndim == 2:
         x = x[:, :, None]
@@ -52,7 +54,7 @@ def HWC3(x: np.ndarray) -> np.ndarray:
         return np.concatenate([x, x, x], axis=2)
     color = x[:, :, :1].repeat(3, axis=2) if c == 2 else x[:, :, :3]
     alpha = x[:, :, c - 1 : c].astype(np.float32) / 255.0
-    y = color.astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    y = color.astype(np.float32) * alpha + float(background) * (1.0 - alpha)
     return y.clip(0, 255).astype(np.uint8)
 
 
@@ -80,12 +82,50 @@ def resize_image(x: np.ndarray, resolution: int) -> np.ndarray:
     return cv2.resize(x, (new_w, new_h), interpolation=interp)
 
 
-def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read a path, bytes or file object into an (H, W, 3) RGB uint8 array.
+def _int_range(im) -> float:
+    """The largest value of a mode-"I" image's samples: a 32-bit TIFF says signed or unsigned in
+    its tags; everything else that Pillow opens as "I" (16-bit PGM, 16-bit PNG in old Pillow)
+    holds 16-bit samples."""
+    tags = getattr(im, "tag_v2", None)
+    first = lambda tag, default: int(np.atleast_1d(tags.get(tag, default))[0])  # noqa: E731 (per-sample tuples)
+    if tags is not None and first(258, 16) == 32:  # BitsPerSample
+        return 2.0**31 - 1 if first(339, 1) == 2 else 2.0**32 - 1  # SampleFormat 2: signed
+    return 65535.0
 
-    The header is checked before the pixels are decoded, so a huge image fails fast.
+
+def _pixels(im, keep_alpha: bool) -> np.ndarray:
+    """Decoded pixels as uint8, scaled by the sample type's range: float images (mode F) from
+    [0, 1], 16-bit (I;16*) by 1/257, 32-bit integers (I) by their range. An alpha channel (RGBA,
+    LA, PA, or a palette/colour-key transparency) is kept as a 4th channel with ``keep_alpha``,
+    otherwise composited on white."""
+    mode = im.mode
+    if mode == "F":
+        return HWC3(to_uint8(np.asarray(im, dtype=np.float32)))
+    if mode.startswith("I"):
+        arr = np.asarray(im)
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+            return HWC3(to_uint8(arr.astype(np.uint16)))
+        top = 32767.0 if arr.dtype.itemsize == 2 else _int_range(im)  # I;16S, or I
+        return HWC3(to_uint8(np.clip(arr.astype(np.float64) / top, 0.0, 1.0)))
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"))
+        return rgba if keep_alpha else HWC3(rgba)
+    return np.asarray(im.convert("RGB"))
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS, keep_alpha: bool = False) -> np.ndarray:
+    """Read a path, bytes or file object into an (H, W, 3) RGB uint8 array; with
+    ``keep_alpha``, an image with transparency gives (H, W, 4) RGBA instead (control images: the
+    pipeline composites a ready-made map on black and an annotator's input on white, see
+    :func:`HWC3`).
+
+    The EXIF orientation is applied (phone photos come out upright, as in browsers). Sample
+    values are scaled by their type's range: float images (mode F, e.g. float TIFF) map [0, 1]
+    to 0..255, 16-bit images (PNG, TIFF, PGM) are divided by 257. The header is checked before
+    the pixels are decoded, so a huge image fails fast. Raises :class:`ImageError` naming the
+    source: missing, not an image, too small or too large, NaN/infinite float pixels.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -102,13 +142,11 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             w, h = im.size
             check_size(h, w, max_pixels)
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im).astype(np.float32)
-                arr = to_uint8(np.clip(arr / (65535.0 if arr.max() > 255 else 255.0), 0, 1))
-            elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                arr = np.asarray(im.convert("RGBA"))
-            else:
-                arr = np.asarray(im.convert("RGB"))
+            try:
+                ImageOps.exif_transpose(im, in_place=True)
+            except Exception:  # a damaged EXIF block leaves the pixels usable as stored
+                pass
+            arr = _pixels(im, keep_alpha)
     except ImageError as e:
         raise ImageError(f"{name}: {e}") from None
     except Image.DecompressionBombError as e:  # PIL refuses > 2x its own limit before we see the size
@@ -118,7 +156,7 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     finally:
         if isinstance(source, (str, os.PathLike)):
             fh.close()
-    return HWC3(arr)
+    return arr
 
 
 def save_image(x: np.ndarray, path, pnginfo: dict[str, str] | None = None) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ctrlnet.generation import prompts
 from ctrlnet.generation.bundle import Models
 from ctrlnet.generation.request import ControlSpec
 from ctrlnet.image import HWC3
@@ -17,15 +18,9 @@ from ctrlnet.sampling.denoiser import ControlInput
 
 def encode_prompts(models: Models, cond: list[str], uncond: list[str], clip_skip: int = 1,
                    min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts (B, 77*k, D) for the prompts and negative prompts, with the same number k of
-    75-token chunks on both sides (A1111 pads the shorter side with empty chunks)."""
-    te = models.base.text_encoder
-    layer = "penultimate" if clip_skip == 2 else None
-    k = max(min_chunks, te.chunk_ids(cond).shape[1], te.chunk_ids(uncond).shape[1])
-    if k == 1:
-        return te(cond, layer=layer), te(uncond, layer=layer)
-    return (te.encode_chunked(cond, n_chunks=k, min_chunks=k, layer=layer),
-            te.encode_chunked(uncond, n_chunks=k, min_chunks=k, layer=layer))
+    """Contexts (B, 77*k, D) for the prompts and negative prompts with A1111's emphasis, BREAK and
+    75-token windows (:mod:`ctrlnet.generation.prompts`), the same k on both sides."""
+    return prompts.encode_prompts(models.base.text_encoder, cond, uncond, clip_skip=clip_skip, min_chunks=min_chunks)
 
 
 def hint_tensor(cmap: np.ndarray, channels: int) -> torch.Tensor:

@@ -88,7 +88,8 @@ def annotate(spec: ControlSpec, image: np.ndarray, size: tuple[int, int],
     Otherwise a ready map is used as it is, and the annotator sees the image scaled to its
     resolution: ``detect_resolution``, else pixel perfect, else the output's short side.
     """
-    img = HWC3(np.asarray(image))
+    ready_map = not spec.annotator or spec.annotator == "none"
+    img = HWC3(np.asarray(image), background=0 if ready_map else 255)  # strokes on transparent: on black
     check_size(*img.shape[:2])
     if legacy_resolution is not None:
         img = resize_image(img, legacy_resolution)

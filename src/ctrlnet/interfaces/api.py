@@ -163,8 +163,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _image_from_bytes(data: bytes, where: str, limits: Limits):
-    """Decode an uploaded image, refusing huge ones from the header (413) and non-images (400)."""
+def _image_from_bytes(data: bytes, where: str, limits: Limits, keep_alpha: bool = False):
+    """Decode an uploaded image, refusing huge ones from the header (413) and non-images (400);
+    ``keep_alpha`` for control images (see ``load_image``)."""
     from PIL import Image
 
     try:
@@ -175,7 +176,7 @@ def _image_from_bytes(data: bytes, where: str, limits: Limits):
     if w * h > limits.max_pixels:
         raise HTTPException(413, f"{where} is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
     try:
-        return load_image(data, max_pixels=limits.max_pixels)
+        return load_image(data, max_pixels=limits.max_pixels, keep_alpha=keep_alpha)
     except ImageError as e:
         raise HTTPException(400, f"{where}: {e}") from None
 
@@ -336,7 +337,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
                     raise HTTPException(422, f"controls[{i}] must be an object")
                 blobs.append(_decode_b64(c.get("image"), f"controls[{i}].image"))
             data = {**data, "controls": [{k: v for k, v in c.items() if k != "image"} for c in controls]}
-        images = [_image_from_bytes(b, f"controls[{i}].image", limits) for i, b in enumerate(blobs)]
+        images = [_image_from_bytes(b, f"controls[{i}].image", limits, keep_alpha=True) for i, b in enumerate(blobs)]
         req = build_request(data, images)
 
         def job():

@@ -92,7 +92,7 @@ def _request_from_args(args, models):
     for i, path in enumerate(args.control):
         ann = args.annotator[i] if i < len(args.annotator) else (args.annotator[0] if args.annotator else None)
         strength = args.strength[i] if i < len(args.strength) else (args.strength[0] if args.strength else 1.0)
-        controls.append(ControlSpec(image=load_image(path), model=names[i] if i < len(names) else None,
+        controls.append(ControlSpec(image=load_image(path, keep_alpha=True), model=names[i] if i < len(names) else None,
                                     annotator=None if ann in (None, "none") else ann, strength=strength))
     return GenerationRequest(
         prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,

@@ -150,12 +150,26 @@ def _canvas_image(value) -> np.ndarray | None:
     return arr if arr.size else None
 
 
+def _uploaded(value, keep_alpha: bool = False):
+    """An uploaded image read by the one loader (``load_image``: EXIF orientation, 16-bit and
+    float ranges, alpha), from the file path that ``gr.Image(type="filepath")`` passes as the
+    browser sent it; arrays (Python callers) pass through."""
+    from ctrlnet.image import ImageError, load_image
+
+    if not isinstance(value, (str, Path)):
+        return value
+    try:
+        return load_image(value, keep_alpha=keep_alpha)
+    except ImageError as e:
+        raise gr.Error(f"The uploaded file is not a usable image: {e}") from None
+
+
 def run_tab(holder: ModelHolder, tab: TabSpec, outputs_dir, image, annotator: str, params: dict, opts: dict,
             progress=None):
     """Build the request from the tab's values, generate, save; returns (control map, files, seed)."""
     from ctrlnet.image import ImageError
 
-    img = _canvas_image(image) if tab.canvas else image
+    img = _canvas_image(image) if tab.canvas else _uploaded(image, keep_alpha=True)  # alpha: see ControlSpec
     if img is None:
         raise gr.Error("Add an input image first" + (" (or draw on the canvas)." if tab.canvas else "."))
     loaded = holder.get()
@@ -198,6 +212,7 @@ def run_colorize(holder: ModelHolder, outputs_dir, gray, reference, opts: dict, 
 
     if gray is None or reference is None:
         raise gr.Error("Add the grayscale image and a colour reference first.")
+    gray, reference = _uploaded(gray), _uploaded(reference)
     seed = int(opts["seed"])
     seed = random.randint(0, MAX_SEED) if seed < 0 else seed
     options = ColorizeOptions(steps=int(opts["steps"]), seed=seed, strength=float(opts["strength"]),
@@ -233,9 +248,10 @@ def _colorize_tab(holder: ModelHolder, outputs_dir, d: dict) -> None:
                     "The result keeps the input's lightness exactly. Uses the shipped colorizer.")
         with gr.Row():
             with gr.Column():
-                gray = gr.Image(label="Grayscale image", type="numpy", image_mode="RGB",
+                # file paths, read by ctrlnet's loader (EXIF orientation, 16-bit, alpha)
+                gray = gr.Image(label="Grayscale image", type="filepath", image_mode=None,
                                 sources=["upload", "clipboard"], elem_id="input-colorize")
-                ref = gr.Image(label="Colour reference", type="numpy", image_mode="RGB",
+                ref = gr.Image(label="Colour reference", type="filepath", image_mode=None,
                                sources=["upload", "clipboard"], elem_id="reference-colorize")
                 run = gr.Button("Run", variant="primary", elem_id="run-colorize")
                 with gr.Accordion("Options", open=False):
@@ -325,7 +341,8 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
                                                  type="numpy", canvas_size=(512, 512),
                                                  sources=["upload"], elem_id=f"input-{tab.key}")
                         else:
-                            image = gr.Image(label="Input image", type="numpy", image_mode="RGB",
+                            # a file path, read by ctrlnet's loader (EXIF orientation, 16-bit, alpha)
+                            image = gr.Image(label="Input image", type="filepath", image_mode=None,
                                              sources=["upload", "clipboard"], elem_id=f"input-{tab.key}")
                         prompt = gr.Textbox(label="Prompt", elem_id=f"prompt-{tab.key}")
                         run = gr.Button("Run", variant="primary", elem_id=f"run-{tab.key}")

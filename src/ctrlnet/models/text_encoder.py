@@ -111,13 +111,9 @@ class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        # read as rows by CLIPTextEncoder (no position_ids buffer: a meta-built model loaded with
+        # assign=True keeps no uninitialised tensors)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # positions are computed, not a buffer: a meta-built model loaded with assign=True keeps no
-        # uninitialised tensors
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(pos)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -199,8 +195,12 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.tokenizer = CLIPTokenizer(max_length=cfg.max_length)
 
-    # subclasses: embed ids, run blocks, final LN
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    # subclasses: token table, positions, blocks, final LN
+    def _token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def _positions(self, n: int) -> torch.Tensor:
+        """The first ``n`` rows of the position embedding, ``(n, width)``."""
         raise NotImplementedError
 
     def _blocks(self) -> Sequence[nn.Module]:
@@ -213,8 +213,21 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self._final_norm().weight.device
 
-    def encode_ids(self, ids: torch.Tensor, layer: Layer | None = None) -> torch.Tensor:
-        """Context from token ids ``(B, L<=77)`` -> ``(B, L, width)``.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._final_norm().weight.dtype
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token-table rows of ``ids`` ``(B, L)`` -> ``(B, L, width)``, before positions are added.
+
+        Callers may replace rows (textual-inversion vectors) and pass the result to
+        :meth:`encode_embeds`; this is the tower's only input hook, no module is patched.
+        """
+        return self._token_embedding()(ids.to(self.device))
+
+    def encode_embeds(self, token_embeds: torch.Tensor, layer: Layer | None = None) -> torch.Tensor:
+        """Context from token embeddings ``(B, L<=77, width)`` (as :meth:`embed_tokens` gives) ->
+        ``(B, L, width)``: positions added, blocks run, final LayerNorm applied.
 
         ``layer`` overrides ``cfg.layer``: ``"last"`` = final LN of the last block's output,
         ``"penultimate"`` = final LN of the output of all blocks but the last.
@@ -222,47 +235,28 @@ class TextEncoder(nn.Module):
         layer = self.cfg.layer if layer is None else layer
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
-        if ids.ndim != 2 or ids.shape[1] > self.cfg.max_length:
-            raise ValueError(f"ids must be (B, L<={self.cfg.max_length}), got {tuple(ids.shape)}")
+        c = self.cfg
+        if token_embeds.ndim != 3 or token_embeds.shape[1] > c.max_length or token_embeds.shape[2] != c.width:
+            raise ValueError(f"token embeddings must be (B, L<={self.cfg.max_length}, {self.cfg.width}), "
+                             f"got {tuple(token_embeds.shape)}")
         blocks = self._blocks()
         n = len(blocks) - (1 if layer == "penultimate" else 0)
-        x = self._embed(ids.to(self.device))  # (B, L, C)
+        x = token_embeds.to(self.device, self.dtype) + self._positions(token_embeds.shape[1])  # (B, L, C)
         for block in blocks[:n]:
             x = block(x)
         return self._final_norm()(x)
 
+    def encode_ids(self, ids: torch.Tensor, layer: Layer | None = None) -> torch.Tensor:
+        """Context from token ids ``(B, L<=77)`` -> ``(B, L, width)`` (see :meth:`encode_embeds`)."""
+        if ids.ndim != 2 or ids.shape[1] > self.cfg.max_length:
+            raise ValueError(f"ids must be (B, L<={self.cfg.max_length}), got {tuple(ids.shape)}")
+        return self.encode_embeds(self.embed_tokens(ids), layer)
+
     def forward(self, texts: str | Sequence[str], layer: Layer | None = None) -> torch.Tensor:
-        """Context for prompts: ``(B, 77, width)``; prompts longer than 75 tokens are truncated."""
+        """Context for prompts: ``(B, 77, width)``; prompts longer than 75 tokens are truncated and
+        emphasis is not parsed. Prompts as users write them go through
+        :func:`ctrlnet.generation.prompts.encode_prompts` (any length, A1111 emphasis, embeddings)."""
         return self.encode_ids(self.tokenizer(texts, pad=self.pad), layer)
-
-    def chunk_ids(self, texts: str | Sequence[str], n_chunks: int = 3, min_chunks: int = 1) -> torch.Tensor:
-        """Long-prompt ids ``(B, k, 77)``: k windows of 75 tokens (see ``CLIPTokenizer.chunks``).
-
-        k is the number needed by the longest prompt, clamped to ``[min_chunks, n_chunks]``;
-        shorter prompts are filled with empty windows (BOS, EOS, padding).
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not 1 <= min_chunks <= n_chunks:
-            raise ValueError(f"need 1 <= min_chunks <= n_chunks, got {min_chunks}, {n_chunks}")
-        per_text = [self.tokenizer.chunks(t, n_chunks, pad=self.pad) for t in texts]
-        k = max([min_chunks, *(len(c) for c in per_text)])
-        empty = self.tokenizer.empty_chunk(self.pad)
-        rows = [c + [empty] * (k - len(c)) for c in per_text]
-        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), k, self.cfg.max_length)
-
-    def encode_chunked(
-        self, texts: str | Sequence[str], n_chunks: int = 3, layer: Layer | None = None, min_chunks: int = 1
-    ) -> torch.Tensor:
-        """Context for long prompts: ``(B, 77 * k, width)``, each 77-token window encoded on its own
-        and concatenated along the sequence (A1111; ControlNet 1.1 anime lineart uses
-        ``n_chunks=min_chunks=3``, ``layer="penultimate"``). A prompt of at most 75 tokens gives
-        exactly :meth:`forward`'s result when k = 1.
-        """
-        ids = self.chunk_ids(texts, n_chunks, min_chunks)  # (B, k, 77)
-        b, k, n = ids.shape
-        ctx = self.encode_ids(ids.reshape(b * k, n), layer)  # (B*k, 77, C)
-        return ctx.reshape(b, k * n, ctx.shape[-1])
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -276,8 +270,11 @@ class CLIPTextEncoder(TextEncoder):
         super().__init__(cfg)
         self.text_model = CLIPTextTransformer(cfg)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings(ids)
+    def _token_embedding(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return self.text_model.embeddings.position_embedding.weight[:n]
 
     def _blocks(self) -> Sequence[nn.Module]:
         return self.text_model.encoder.layers
@@ -311,8 +308,11 @@ class OpenCLIPTextEncoder(TextEncoder):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+    def _token_embedding(self) -> nn.Embedding:
+        return self.token_embedding
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return self.positional_embedding[:n]
 
     def _blocks(self) -> Sequence[nn.Module]:
         return self.transformer.resblocks
