@@ -24,7 +24,7 @@ import torch
 
 from ctrlnet.colorize.reference_model import (KIND_KEY, ReferenceControlNet, load_reference_controlnet,
                                                load_reference_vae, save_reference_controlnet)
-from ctrlnet.training.state import prepare_build_dir
+from ctrlnet.training.run_folder import prepare_build_dir
 
 TRAINED_FILE = "colorize_reference.safetensors"
 

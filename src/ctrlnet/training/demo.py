@@ -26,7 +26,7 @@ from ctrlnet.training.builders import make_fill50k
 from ctrlnet.training.data import LatentDataset, collate, prompt_json_dataset
 from ctrlnet.training.loop import TrainConfig, export_result, train
 from ctrlnet.training.models import TrainModels, build_models, load_model_file
-from ctrlnet.training.state import prepare_build_dir
+from ctrlnet.training.run_folder import prepare_build_dir
 
 BASE_FILE = "demo_base.safetensors"
 CONTROL_FILE = "demo_control_fill50k.safetensors"

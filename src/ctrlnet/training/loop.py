@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from ctrlnet.sampling.schedule import DiscreteSchedule
 from ctrlnet.training import state as st
+from ctrlnet.training.run_folder import OutputClaim, OutputInUse, check_output, is_inside, set_aside
 from ctrlnet.training.data import collate
-from ctrlnet.training.logger import RunLogger, plot_loss
+from ctrlnet.training.logger import RunLogger, plot_loss, read_loss_csv
 from ctrlnet.training.models import (
     Mode,
     TrainModels,
@@ -90,6 +91,185 @@ class TrainResult:
     skipped: int = 0
     losses: list[float] = field(default_factory=list)
     ema: dict | None = None  # the EMA's shadow weights (trainable name -> tensor), when ema_decay > 0
+
+
+# What a resumed run does with a setting that differs from its checkpoint's: applied settings take
+# effect from the first resumed step (the optimizer and schedule really use a new lr); refused ones
+# would make the continuation a different run (data order, noise, what trains, the numerics).
+APPLIED_ON_RESUME = {
+    "steps": "the run stops at the new total (a cosine decay follows it from the resumed step)",
+    "lr": "the optimizer and the schedule use it from the next step (loss.csv's lr column shows it)",
+    "weight_decay": "the optimizer uses it from the next step",
+    "warmup_steps": "the schedule is recomputed at the resumed step",
+    "lr_decay": "the schedule is recomputed at the resumed step",
+    "max_grad_norm": "from the next step",
+    "prompt_dropout": "from the next step",
+    "kl_weight": "from the next step",
+    "sample_latents": "from the next step",
+    "gradient_checkpointing": "same arithmetic, less memory",
+    "checkpoint_every": "", "keep_last": "", "keep_every": "", "sample_every": "", "sample_steps": "",
+    "sample_count": "", "log_every": "", "num_workers": "", "progress": "", "cpu": "",
+}
+REFUSED_ON_RESUME = {
+    "mode": "what trains", "sd_locked": "what trains", "only_mid_control": "what trains",
+    "train_text": "what trains", "train_encoder": "what trains",
+    "batch_size": "the data order", "grad_accum": "the data order", "seed": "the data order and noise",
+    "mixed_precision": "the numerics and the grad scaler", "ema_decay": "the EMA's averaging",
+}
+
+def resume_settings_help(flags: dict[str, str] | None = None) -> str:
+    """The resume rules in words, for ``--help``; ``flags`` maps setting names to the option that
+    sets them (settings without an option are left out)."""
+
+    def names(table):
+        return ", ".join(flags[k] if flags else k for k in table if flags is None or k in flags)
+
+    return ("settings on resume, when they differ from the checkpoint's:\n"
+            f"  applied from the next step: {names(APPLIED_ON_RESUME)}\n"
+            f"  refused (the run stops, naming the setting and both values): {names(REFUSED_ON_RESUME)}")
+
+
+class ResumeRefused(ValueError):
+    """A resume whose settings (or models) differ from the checkpoint's in a way that cannot apply."""
+
+
+def resume_setting_changes(recorded: dict | None, cfg: "TrainConfig") -> tuple[list[str], list[str]]:
+    """(applied, refused): one sentence per setting of ``cfg`` that differs from ``recorded``
+    (the checkpoint's ``train_config``)."""
+    if not recorded:
+        return [], []
+    applied, refused = [], []
+    now = asdict(cfg)
+    for k in now:
+        if k not in recorded or recorded[k] == now[k]:
+            continue
+        if k in REFUSED_ON_RESUME:
+            refused.append(f"{k} is {now[k]!r} but the checkpoint's is {recorded[k]!r}")
+        else:
+            applied.append(f"{k}: {now[k]!r} (the checkpoint's was {recorded[k]!r}), applied")
+    return applied, refused
+
+
+def run_holds(run_dir) -> list[str]:
+    """The earlier training work in ``run_dir``, in words (empty: a fresh start loses nothing)."""
+    run_dir = Path(run_dir)
+    holds = []
+    steps = [s for s, _ in st.list_checkpoints(run_dir / "checkpoints")]
+    if steps:
+        shown = ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]} to {steps[-1]} ({len(steps)} files)"
+        holds.append(f"checkpoints at steps {shown}")
+    aside = st.set_aside_checkpoints(run_dir / "checkpoints")
+    if aside:
+        holds.append("set-aside checkpoints " + ", ".join(p.name for p in aside))
+    csv_path = run_dir / "loss.csv"
+    if csv_path.is_file():
+        rows = read_loss_csv(csv_path)
+        if rows:
+            holds.append(f"loss.csv with {len(rows)} steps")
+    return holds
+
+
+@dataclass
+class RunStart:
+    """How a run starts in its folder, decided by :func:`plan_run` before any work (it only reads)
+    and carried out by :meth:`begin` on the main process (renames, temp-file removal)."""
+
+    run_dir: Path
+    output: OutputClaim
+    checkpoint: Path | None = None  # the checkpoint resumed from
+    state: dict | None = None  # its contents
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # set aside as .unreadable
+    superseded: list[Path] = field(default_factory=list)  # newer than the one resumed from
+    export: OutputClaim | None = None  # an earlier export file outside the run folder
+    notes: list[str] = field(default_factory=list)
+
+    def begin(self) -> list[str]:
+        """Carry out the plan; returns what was done, one sentence each."""
+        notes = self.output.apply()
+        if self.export is not None:
+            notes += self.export.apply()
+        for path, why in self.unreadable:
+            dest = set_aside(path, "unreadable")
+            notes.append(f"set aside {path.name} as {dest.name}: {why}")
+        for path in self.superseded:
+            dest = set_aside(path, "superseded")
+            notes.append(f"set aside {path.name} as {dest.name}: it is newer than {self.checkpoint.name}, "
+                         "which this run continues")
+        return notes + self.notes
+
+
+def plan_run(run_dir, cfg: "TrainConfig", resume: bool | str | Path = False, overwrite: bool = False,
+             inputs=(), export=None) -> RunStart:
+    """Decide how a run starts in ``run_dir``, reading only; every refusal happens here, before
+    models load.
+
+    - fresh (``resume=False``): ``run_dir`` must hold no earlier run (checkpoints, set-aside
+      checkpoints, loss.csv rows), unless ``overwrite``, which moves it aside
+      (:func:`~ctrlnet.training.run_folder.move_aside`), as it does an existing ``export`` file.
+    - ``resume=True``: from the newest checkpoint that loads; newer ones that do not are set aside
+      as ``.unreadable``; if checkpoints exist and none loads, refused, naming each; with no
+      checkpoint at all, from step 0.
+    - ``resume=FILE``: that file must exist and load (:func:`~ctrlnet.training.state.load_checkpoint`);
+      checkpoints of the folder newer than it are set aside as ``.superseded``. A file outside
+      ``run_dir`` may only start a fresh folder (or one moved aside with ``overwrite``).
+    - resumed settings: :data:`APPLIED_ON_RESUME` take effect, :data:`REFUSED_ON_RESUME` raise
+      :class:`ResumeRefused` naming each setting and both values.
+
+    Raises :class:`~ctrlnet.training.run_folder.OutputInUse`, :class:`ResumeRefused` or
+    :class:`~ctrlnet.checkpoints.io.CheckpointError` (all ``ValueError``), one line each.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    holds = run_holds(run_dir)
+    resume_file = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else None
+    if resume_file is not None and not str(resume):
+        resume_file = None
+    in_run = resume_file is not None and is_inside(resume_file, run_dir)
+    if resume_file is not None:
+        state = st.load_checkpoint(resume_file)  # missing, unreadable: one line naming the file
+        if holds and not in_run and not overwrite:
+            raise OutputInUse(f"{run_dir} holds an earlier training run ({'; '.join(holds)}); resuming from "
+                              f"{resume_file}, which is not part of it, would mix the two: pass --overwrite to move "
+                              "it aside first, or choose another --out")
+    resuming = resume is True or in_run
+    output = check_output(run_dir, resume=resuming, overwrite=overwrite, holds=holds, kind="training run",
+                          inputs=[*inputs, resume_file])
+    start = RunStart(run_dir, output)
+    if export is not None and not resuming:
+        export = Path(export)
+        inside = is_inside(export, run_dir)
+        if export.exists() and not inside:
+            size = export.stat().st_size / 2**20 if export.is_file() else 0
+            start.export = check_output(export, resume=False, overwrite=overwrite, is_dir=False,
+                                        holds=[f"a model file of {size:.1f} MiB"], kind="exported model",
+                                        inputs=inputs)
+        elif export.exists() and inside and not overwrite:
+            raise OutputInUse(f"{run_dir} holds an earlier exported model ({export.name}); "
+                              "pass --resume to continue that run, or --overwrite to move it aside and start over")
+    if resume_file is not None:
+        start.checkpoint, start.state = resume_file, state
+        if in_run:
+            start.superseded = [p for s, p in st.list_checkpoints(ckpt_dir) if s > state["step"]]
+    elif resume is True:
+        found, unreadable = st.find_resume_point(ckpt_dir)
+        if found is None and (unreadable or st.set_aside_checkpoints(ckpt_dir)):
+            why = [w for _, w in unreadable] + [f"{p} (set aside earlier)" for p in st.set_aside_checkpoints(ckpt_dir)]
+            raise OutputInUse(f"cannot resume {run_dir}: no checkpoint there loads: {'; '.join(why)}. Nothing was "
+                              "changed; pass --resume-from a good checkpoint, or --overwrite to move this run aside "
+                              "and start over")
+        start.unreadable = unreadable
+        if found is None:
+            start.notes.append(f"no checkpoint in {ckpt_dir} yet: starting at step 0")
+        else:
+            start.checkpoint, start.state = found
+    if start.state is not None:
+        applied, refused = resume_setting_changes(start.state.get("train_config"), cfg)
+        if refused:
+            raise ResumeRefused(f"cannot resume from {start.checkpoint}: " + "; ".join(refused)
+                                + ". These cannot change mid-run: use the checkpoint's values, or start a new run "
+                                "(--overwrite, or another --out)")
+        start.notes += applied
+    return start
 
 
 def derived_seed(*parts: int) -> int:
@@ -228,19 +408,67 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _check_model_config(start: RunStart, models: TrainModels) -> None:
+    """Refuse to resume a checkpoint of other models (another base, another preset)."""
+    recorded = start.state.get("model_config")
+    if not recorded:
+        return
+    now = asdict(models.config)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif k != "name" or prefix:
+                out[prefix + k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    a, b = flat(recorded), flat(now)
+    diff = [f"{k} is {b.get(k)!r} but the checkpoint's is {a.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    if diff:
+        raise ResumeRefused(f"cannot resume from {start.checkpoint}: the models differ from the ones it was "
+                            f"trained with ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
+                            "build them from the same files as the first run")
+
+
+def _apply_schedule_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """After loading the optimizer and scheduler states (which carry the checkpoint's lr, weight
+    decay and base rates): set this run's, and recompute the rate of the next step from this
+    run's lr, warmup, decay and total steps. With unchanged settings this reproduces the loaded
+    values exactly (``LambdaLR`` computes ``base_lr * lambda(last_epoch)`` the same way)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, lmbda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * lmbda(scheduler.last_epoch)
+
+
 def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool | str = False,
-          preview_batch: dict | None = None, accelerator=None) -> TrainResult:
+          preview_batch: dict | None = None, accelerator=None, overwrite: bool = False,
+          start: RunStart | None = None) -> TrainResult:
     """Train ``models`` on ``dataset`` per ``cfg``; checkpoints, logs and samples go to ``run_dir``.
 
-    ``resume``: True continues from the newest checkpoint in ``run_dir/checkpoints`` (if any), a
-    path continues from that file. The models must be built the same way as in the first run
-    (the checkpoint holds only the trainable weights). Returns the final step and loss.
+    ``resume``: True continues from the newest checkpoint in ``run_dir/checkpoints`` that loads,
+    a path continues from that file; ``overwrite`` moves an earlier run in ``run_dir`` aside. A
+    fresh run refuses a folder that holds one. See :func:`plan_run` for every rule; pass its
+    ``start`` to decide before the models are built (the command line does), else it is made
+    here. The models must be built the same way as in the first run (the checkpoint holds only
+    the trainable weights; a different model config is refused). Returns the final step and loss.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if start is None:
+        start = plan_run(run_dir, cfg, resume, overwrite)
+    elif start.run_dir != run_dir:
+        raise ValueError(f"the start was planned for {start.run_dir}, not {run_dir}")
+    if start.state is not None:
+        _check_model_config(start, models)
     if accelerator is None:
         _release_precision(cfg.mixed_precision)
         accelerator = Accelerator(
@@ -269,15 +497,18 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
+    # every rank has planned (read the folder) before the main process renames anything in it
+    accelerator.wait_for_everyone()
+    if main:
+        for note in start.begin():
+            print(note, flush=True)
+    accelerator.wait_for_everyone()
+
     # resume before wrapping, so every rank starts from the same state
     step, micro_seen, ckpt_path = 0, 0, None
     loaded = None
-    if resume:
-        if isinstance(resume, (str, Path)) and Path(resume).is_file():
-            loaded = (Path(resume), st.load_checkpoint(resume))
-        else:
-            loaded = st.load_latest(ckpt_dir)
-    if loaded is not None:
+    if start.state is not None:
+        loaded = (start.checkpoint, start.state)
         ckpt_path, state = loaded
         missing = set(trainable) - set(state["trainable"])
         if missing:
@@ -288,6 +519,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 p.copy_(state["trainable"][n].to(p.dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_schedule_settings(optimizer, scheduler, cfg)
         st.set_rng_state(state["rng"])
         step, micro_seen = state["step"], state["micro_batches"]
         if main:
