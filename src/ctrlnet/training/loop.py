@@ -27,6 +27,7 @@ from ctrlnet.training import state as st
 from ctrlnet.training.run_folder import OutputClaim, OutputInUse, check_output, is_inside, set_aside
 from ctrlnet.training.data import collate
 from ctrlnet.training.logger import RunLogger, plot_loss, read_loss_csv
+from ctrlnet.training.resume_settings import ResumeRefused, resume_setting_changes
 from ctrlnet.training.models import (
     Mode,
     TrainModels,
@@ -91,63 +92,6 @@ class TrainResult:
     skipped: int = 0
     losses: list[float] = field(default_factory=list)
     ema: dict | None = None  # the EMA's shadow weights (trainable name -> tensor), when ema_decay > 0
-
-
-# What a resumed run does with a setting that differs from its checkpoint's: applied settings take
-# effect from the first resumed step (the optimizer and schedule really use a new lr); refused ones
-# would make the continuation a different run (data order, noise, what trains, the numerics).
-APPLIED_ON_RESUME = {
-    "steps": "the run stops at the new total (a cosine decay follows it from the resumed step)",
-    "lr": "the optimizer and the schedule use it from the next step (loss.csv's lr column shows it)",
-    "weight_decay": "the optimizer uses it from the next step",
-    "warmup_steps": "the schedule is recomputed at the resumed step",
-    "lr_decay": "the schedule is recomputed at the resumed step",
-    "max_grad_norm": "from the next step",
-    "prompt_dropout": "from the next step",
-    "kl_weight": "from the next step",
-    "sample_latents": "from the next step",
-    "gradient_checkpointing": "same arithmetic, less memory",
-    "checkpoint_every": "", "keep_last": "", "keep_every": "", "sample_every": "", "sample_steps": "",
-    "sample_count": "", "log_every": "", "num_workers": "", "progress": "", "cpu": "",
-}
-REFUSED_ON_RESUME = {
-    "mode": "what trains", "sd_locked": "what trains", "only_mid_control": "what trains",
-    "train_text": "what trains", "train_encoder": "what trains",
-    "batch_size": "the data order", "grad_accum": "the data order", "seed": "the data order and noise",
-    "mixed_precision": "the numerics and the grad scaler", "ema_decay": "the EMA's averaging",
-}
-
-def resume_settings_help(flags: dict[str, str] | None = None) -> str:
-    """The resume rules in words, for ``--help``; ``flags`` maps setting names to the option that
-    sets them (settings without an option are left out)."""
-
-    def names(table):
-        return ", ".join(flags[k] if flags else k for k in table if flags is None or k in flags)
-
-    return ("settings on resume, when they differ from the checkpoint's:\n"
-            f"  applied from the next step: {names(APPLIED_ON_RESUME)}\n"
-            f"  refused (the run stops, naming the setting and both values): {names(REFUSED_ON_RESUME)}")
-
-
-class ResumeRefused(ValueError):
-    """A resume whose settings (or models) differ from the checkpoint's in a way that cannot apply."""
-
-
-def resume_setting_changes(recorded: dict | None, cfg: "TrainConfig") -> tuple[list[str], list[str]]:
-    """(applied, refused): one sentence per setting of ``cfg`` that differs from ``recorded``
-    (the checkpoint's ``train_config``)."""
-    if not recorded:
-        return [], []
-    applied, refused = [], []
-    now = asdict(cfg)
-    for k in now:
-        if k not in recorded or recorded[k] == now[k]:
-            continue
-        if k in REFUSED_ON_RESUME:
-            refused.append(f"{k} is {now[k]!r} but the checkpoint's is {recorded[k]!r}")
-        else:
-            applied.append(f"{k}: {now[k]!r} (the checkpoint's was {recorded[k]!r}), applied")
-    return applied, refused
 
 
 def run_holds(run_dir) -> list[str]:

@@ -119,12 +119,13 @@ class OutputClaim:
 
 
 def check_output(path, *, resume: bool, overwrite: bool, holds: Sequence[str], kind: str = "output",
-                 inputs: Iterable = (), is_dir: bool = True) -> OutputClaim:
+                 inputs: Iterable = (), is_dir: bool = True, hint: str = RESUME_OR_OVERWRITE) -> OutputClaim:
     """Decide, before any work, whether a job may start at ``path`` (reads only).
 
     ``holds`` describes the earlier work found at ``path`` (empty: nothing to lose). Raises
-    :class:`OutputInUse` when it holds work and neither ``resume`` nor ``overwrite`` is set, when
-    both are set, or when ``overwrite`` would move one of ``inputs`` away with it.
+    :class:`OutputInUse` when it holds work and neither ``resume`` nor ``overwrite`` is set (the
+    message ends with ``hint``), when both are set, or when ``overwrite`` would move one of
+    ``inputs`` away with it.
     """
     path = Path(path)
     if resume and overwrite:
@@ -133,7 +134,7 @@ def check_output(path, *, resume: bool, overwrite: bool, holds: Sequence[str], k
         raise OutputInUse(f"{path} is a {'file' if is_dir else 'folder'}; expected a {'folder' if is_dir else 'file'}")
     holds = list(holds)
     if holds and not (resume or overwrite):
-        raise OutputInUse(f"{path} holds an earlier {kind} ({'; '.join(holds)}); {RESUME_OR_OVERWRITE}")
+        raise OutputInUse(f"{path} holds an earlier {kind} ({'; '.join(holds)}); {hint}")
     if holds and overwrite:
         for inp in inputs:
             if inp is not None and str(inp) and is_inside(inp, path):
@@ -143,10 +144,11 @@ def check_output(path, *, resume: bool, overwrite: bool, holds: Sequence[str], k
 
 
 def claim_output(path, *, resume: bool, overwrite: bool, holds: Sequence[str], kind: str = "output",
-                 inputs: Iterable = (), is_dir: bool = True, say=print) -> OutputClaim:
+                 inputs: Iterable = (), is_dir: bool = True, hint: str = RESUME_OR_OVERWRITE,
+                 say=print) -> OutputClaim:
     """:func:`check_output`, then :meth:`OutputClaim.apply`, telling ``say`` what was done."""
     claim = check_output(path, resume=resume, overwrite=overwrite, holds=holds, kind=kind, inputs=inputs,
-                         is_dir=is_dir)
+                         is_dir=is_dir, hint=hint)
     for note in claim.apply():
         say(note)
     return claim
@@ -167,14 +169,14 @@ def folder_contents(path) -> list[str]:
 # --- job records ---------------------------------------------------------------------------------
 
 
-def _plain(value):
+def json_values(value):
     """JSON's view of a value (tuples become lists), so recorded and new settings compare alike."""
     return json.loads(json.dumps(value))
 
 
 def settings_differences(recorded: Mapping, settings: Mapping) -> list[str]:
     """``"name: now X, recorded Y"`` for each setting that differs (missing counts as differing)."""
-    recorded, settings = _plain(dict(recorded)), _plain(dict(settings))
+    recorded, settings = json_values(dict(recorded)), json_values(dict(settings))
     out = []
     for k in sorted(set(recorded) | set(settings)):
         if recorded.get(k) != settings.get(k):
@@ -210,8 +212,25 @@ def write_job_record(path, settings: Mapping) -> Path:
     """Record a job's settings at ``path`` (atomically), for :func:`check_job_record` on resume."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_plain(dict(settings)), indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_text(json.dumps(json_values(dict(settings)), indent=1, sort_keys=True), encoding="utf-8")
     return path
+
+
+JOB_RECORD = "job.json"
+
+
+def claim_job_folder(out, settings: Mapping, *, resume: bool, overwrite: bool, kind: str, inputs: Iterable = (),
+                     say=print) -> Path:
+    """Start or continue a job whose output folder is its alone (a data set builder): anything in
+    ``out`` is earlier work (:func:`claim_output`); a resumed job must have the settings recorded
+    in ``out/job.json`` (:func:`check_job_record`), which a fresh one writes before any work."""
+    out = Path(out)
+    if resume:  # before anything changes: a mismatch leaves the folder as it was
+        check_job_record(out / JOB_RECORD, settings, kind)
+    claim_output(out, resume=resume, overwrite=overwrite, holds=folder_contents(out), kind=kind, inputs=inputs,
+                 say=say)
+    write_job_record(out / JOB_RECORD, settings)
+    return out
 
 
 def prepare_build_dir(out, resume: bool, threads: int = 0, overwrite: bool = False, say=print) -> Path:

@@ -78,7 +78,9 @@ REQUIRED_KEYS = ("trainable", "optimizer", "scheduler", "rng", "step", "micro_ba
 
 
 def _one_line(e: BaseException) -> str:
+    """``Class: first sentence`` of an exception (torch appends paragraphs of advice to some)."""
     text = " ".join(str(e).split())
+    text = text.split(". ")[0].rstrip(".")
     return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
