@@ -128,7 +128,8 @@ def _models_for(args):
     from ctrlnet.training.models import build_models, load_models
 
     if args.base:
-        return load_models(args.base, controlnet=args.controlnet, add_control=args.mode == "controlnet")
+        return load_models(args.base, controlnet=args.controlnet, add_control=args.mode == "controlnet",
+                           seed=args.seed)
     if args.mode == "controlnet":
         raise ValueError("ControlNet training needs --base (the model the ControlNet steers)")
     if not args.config:

@@ -165,6 +165,8 @@ def plan_run(run_dir, cfg: "TrainConfig", resume: bool | str | Path = False, ove
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     holds = run_holds(run_dir)
+    if export is not None and is_inside(export, run_dir) and Path(export).is_file():
+        holds.append(f"the exported model {Path(export).name}")
     resume_file = Path(resume) if isinstance(resume, (str, Path)) and not isinstance(resume, bool) else None
     if resume_file is not None and not str(resume):
         resume_file = None
@@ -179,17 +181,12 @@ def plan_run(run_dir, cfg: "TrainConfig", resume: bool | str | Path = False, ove
     output = check_output(run_dir, resume=resuming, overwrite=overwrite, holds=holds, kind="training run",
                           inputs=[*inputs, resume_file])
     start = RunStart(run_dir, output)
-    if export is not None and not resuming:
+    if export is not None and not is_inside(export, run_dir):  # (one inside goes with the folder)
         export = Path(export)
-        inside = is_inside(export, run_dir)
-        if export.exists() and not inside:
-            size = export.stat().st_size / 2**20 if export.is_file() else 0
-            start.export = check_output(export, resume=False, overwrite=overwrite, is_dir=False,
-                                        holds=[f"a model file of {size:.1f} MiB"], kind="exported model",
-                                        inputs=inputs)
-        elif export.exists() and inside and not overwrite:
-            raise OutputInUse(f"{run_dir} holds an earlier exported model ({export.name}); "
-                              "pass --resume to continue that run, or --overwrite to move it aside and start over")
+        holds_file = [f"a model file of {export.stat().st_size / 2**20:.1f} MiB"] if export.is_file() else []
+        # resuming, the run's own export is replaced at the end; a fresh run may not replace one
+        start.export = check_output(export, resume=resuming, overwrite=overwrite, is_dir=False,
+                                    holds=[] if resuming else holds_file, kind="exported model", inputs=inputs)
     if resume_file is not None:
         start.checkpoint, start.state = resume_file, state
         if in_run:
@@ -468,6 +465,8 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         step, micro_seen = state["step"], state["micro_batches"]
         if main:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    else:
+        st.seed_rng(cfg.seed)
 
     objective, optimizer = accelerator.prepare(objective, optimizer)
     # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts the same
@@ -478,8 +477,11 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         accelerator.scaler.load_state_dict(loaded[1]["scaler"])
 
     batches = StepBatches(len(dataset), cfg.batch_size, world, rank, cfg.seed, start=micro_seen)
+    # its own generator: an iterator's worker base seed would otherwise be drawn from the global
+    # one, which a resumed run then holds one draw ahead of an uninterrupted run's
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0)
+                        persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, micro_seen, 13)))
     data_iter = iter(loader)
     logger = RunLogger(run_dir, resume_step=step) if main else None
     tokenizer = models.text.tokenizer if models.text is not None else None
@@ -553,6 +555,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 step_loss += float(loss.detach()) / cfg.grad_accum
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr_used = float(optimizer.param_groups[0]["lr"])  # what this step's update uses: the log shows it
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -568,13 +571,13 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
             losses.append(last_loss)
             elapsed = time.time() - t_start
             if main:
-                logger.log(step, last_loss, scheduler.get_last_lr()[0], elapsed, steps_this_run / max(elapsed, 1e-9),
+                logger.log(step, last_loss, lr_used, elapsed, steps_this_run / max(elapsed, 1e-9),
                            skipped_total)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", skipped=skipped_total, refresh=False)
                 if cfg.log_every and step % cfg.log_every == 0 and not sys.stderr.isatty():
                     # plain lines for log files, where the bar's redraws are hard to read
-                    print(f"step {step} loss {last_loss:.5f} lr {scheduler.get_last_lr()[0]:.3g} "
+                    print(f"step {step} loss {last_loss:.5f} lr {lr_used:.3g} "
                           f"{steps_this_run / max(elapsed, 1e-9):.3f} it/s", flush=True)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt_path = save(step)

@@ -61,13 +61,14 @@ def atomic_torch_save(obj, path) -> Path:
 
 
 def save_checkpoint(folder, step: int, state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write ``state`` as the checkpoint of ``step``, then delete all but the ``keep_last`` newest
-    (by step), sparing those whose step is a multiple of ``keep_every`` (milestones for later
-    evaluation) and, always, the one just written, whatever the other files' steps."""
+    """Write ``state`` as the checkpoint of ``step``, then prune the checkpoints older than it (lower
+    steps) to the newest ``keep_last - 1``, sparing those whose step is a multiple of ``keep_every``
+    (milestones for later evaluation). The one just written is never deleted, nor any with a
+    higher step (another timeline; :func:`~ctrlnet.training.loop.plan_run` sets those aside)."""
     path = atomic_torch_save(dict(state, step=step), checkpoint_path(folder, step))
     if keep_last > 0:
-        others = [(s, p) for s, p in list_checkpoints(folder) if p != path]
-        for old_step, old in others[:max(0, len(others) - (keep_last - 1))]:
+        older = [(s, p) for s, p in list_checkpoints(folder) if s < step]
+        for old_step, old in older[:max(0, len(older) - (keep_last - 1))]:
             if keep_every and old_step % keep_every == 0:
                 continue
             old.unlink(missing_ok=True)
@@ -129,6 +130,14 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_rng(seed: int) -> None:
+    """Seed the Python, NumPy and torch global generators (a fresh run; a resumed one restores
+    them with :func:`set_rng_state`), so every checkpoint is a function of the run's settings."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict) -> None:
