@@ -423,3 +423,94 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(setup, tmp_path)
     assert _names(run / "checkpoints") == _names(ref / "checkpoints")
     exported, expected = load_file(str(run / "controlnet.safetensors")), load_file(str(ref / "controlnet.safetensors"))
     _same(expected, exported, "export")
+
+
+# --- the same rules for the other resumable jobs ---------------------------------------------------
+
+
+def test_data_builder_refuses_resumes_exactly_and_overwrites(tmp_path, capsys):
+    from ctrlnet.training.builders import make_fill50k
+
+    out, args = tmp_path / "fill", ["data", "fill50k", str(tmp_path / "fill"), "--n", "6", "--size", "32"]
+    assert main(args) == 0
+    first = _snapshot(out)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"ctrlnet data: error: {out} holds an earlier data set (job.json, prompt.json, source, target); {HINT}\n")
+    assert _snapshot(out) == first
+    # an interrupted build: no prompt.json yet, two images missing, a killed write's temp file
+    (out / "prompt.json").unlink()
+    (out / "source" / "3.png").unlink()
+    (out / "target" / "5.png").unlink()
+    stale = out / "source" / f".4.png.{_dead_pid()}.tmp"
+    stale.write_bytes(b"half an image")
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main([*args, "--resume"]) == 0
+    assert _snapshot(out) == first  # the same files as the uninterrupted build
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # written images were not redone
+    assert f"removed 1 temp file(s) of writes killed earlier: {stale}\n" in capsys.readouterr().out
+    # resuming with other settings names each one with both values
+    with pytest.raises(ValueError) as e:
+        make_fill50k(out, 6, 48, seed=0, resume=True)
+    assert str(e.value) == (f"cannot resume the data set in {out} with other settings (size: now 48, recorded 32); "
+                            "use the recorded ones, or --overwrite to start over")
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("fill.replaced-")]
+    assert len(moved) == 1 and _snapshot(moved[0]) == first
+    assert f"moved the earlier data set in {out} aside to {moved[0]}\n" in capsys.readouterr().out
+
+
+def test_video_pairs_resume_skips_finished_videos_and_ends_the_same(tmp_path, monkeypatch):
+    pytest.importorskip("av")
+    from ctrlnet.colorize import pairs
+    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.video import write_video
+
+    videos = [write_video(synthetic_clip(10, 32, seed=s), tmp_path / f"v{s}.mp4", 10) and tmp_path / f"v{s}.mp4"
+              for s in (1, 2)]
+    kw = dict(low=0.0, high=1.0, min_gap=2, max_gap=4)
+    whole = pairs.video_pairs(videos, tmp_path / "whole", **kw)
+    calls = []
+    real = pairs.select_pairs
+
+    def interrupted(frames, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job dies in the second video
+        return real(frames, *a, **k)
+
+    monkeypatch.setattr(pairs, "select_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pairs.video_pairs(videos, tmp_path / "part", **kw)
+    assert sorted(p.name for p in (tmp_path / "part" / "progress").iterdir()) == ["000.jsonl"]
+    assert not (tmp_path / "part" / "prompt.json").exists()
+    with pytest.raises(ValueError, match="holds an earlier data set"):
+        pairs.video_pairs(videos, tmp_path / "part", **kw)
+    with pytest.raises(ValueError, match=r"min_gap: now 3, recorded 2"):
+        pairs.video_pairs(videos, tmp_path / "part", **{**kw, "min_gap": 3}, resume=True)
+    calls.clear()
+    monkeypatch.setattr(pairs, "select_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = pairs.video_pairs(videos, tmp_path / "part", **kw, resume=True)
+    assert len(calls) == 1  # only the unfinished video
+    assert rows == whole and whole
+    assert (tmp_path / "part" / "prompt.json").read_bytes() == (tmp_path / "whole" / "prompt.json").read_bytes()
+    assert not (tmp_path / "part" / "progress").exists()
+
+
+def test_recipe_build_folder_overwrite_moves_it_aside(tmp_path, capsys):
+    from ctrlnet.training.run_folder import prepare_build_dir
+
+    out = tmp_path / "build"
+    (out / "vae" / "checkpoints").mkdir(parents=True)
+    (out / "vae" / "checkpoints" / "checkpoint-00000100.pt").write_bytes(b"x")
+    (out / "recipe.json").write_text("{}")
+    with pytest.raises(ValueError) as e:
+        prepare_build_dir(out, resume=False)
+    assert str(e.value) == f"{out} holds an earlier build (recipe.json, vae); {HINT}"
+    assert prepare_build_dir(out, resume=True) == out and (out / "recipe.json").is_file()
+    prepare_build_dir(out, resume=False, overwrite=True)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("build.replaced-")]
+    assert len(moved) == 1 and (moved[0] / "vae" / "checkpoints" / "checkpoint-00000100.pt").is_file()
+    assert out.is_dir() and not any(out.iterdir())
+    assert capsys.readouterr().out == f"moved the earlier build in {out} aside to {moved[0]}\n"

@@ -88,10 +88,12 @@ def make_fill50k(out, n: int, size: int = 512, seed: int = 0, colors: Mapping = 
         margin = r + thickness + 1
         cx, cy = (int(v) for v in rng.integers(margin, size - margin + 1, size=2))
         name = f"{i:0{width}d}.png"
-        if not ((out / "source" / name).is_file() and (out / "target" / name).is_file()):
-            hint, target = draw_fill50k(size, (cx, cy), r, colors[circle], colors[background], thickness)
-            save_image(hint, out / "source" / name)
-            save_image(target, out / "target" / name)
+        missing = [k for k in ("source", "target") if not (out / k / name).is_file()]  # all, unless resumed
+        if missing:
+            drawn = dict(zip(("source", "target"),
+                             draw_fill50k(size, (cx, cy), r, colors[circle], colors[background], thickness)))
+            for k in missing:
+                save_image(drawn[k], out / k / name)
         rows.append({"source": f"source/{name}", "target": f"target/{name}",
                      "prompt": fill50k_prompt(circle, background), "circle": [cx, cy, r],
                      "circle_color": circle, "background_color": background})
