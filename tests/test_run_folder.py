@@ -505,7 +505,7 @@ def test_recipe_build_folder_overwrite_moves_it_aside(tmp_path, capsys):
     (out / "vae" / "checkpoints").mkdir(parents=True)
     (out / "vae" / "checkpoints" / "checkpoint-00000100.pt").write_bytes(b"x")
     (out / "recipe.json").write_text("{}")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(SystemExit) as e:
         prepare_build_dir(out, resume=False)
     assert str(e.value) == f"{out} holds an earlier build (recipe.json, vae); {HINT}"
     assert prepare_build_dir(out, resume=True) == out and (out / "recipe.json").is_file()

@@ -235,11 +235,15 @@ def claim_job_folder(out, settings: Mapping, *, resume: bool, overwrite: bool, k
 
 def prepare_build_dir(out, resume: bool, threads: int = 0, overwrite: bool = False, say=print) -> Path:
     """The folder of a multi-stage recipe run (all of it the recipe's): a fresh build needs an
-    empty (or new) folder; ``resume`` continues the build there, ``overwrite`` moves it aside."""
+    empty (or new) folder; ``resume`` continues the build there, ``overwrite`` moves it aside.
+    A refusal is a ``SystemExit`` with the message (the recipes' scripts print it as it is)."""
     import torch
 
     out = Path(out)
-    claim_output(out, resume=resume, overwrite=overwrite, holds=folder_contents(out), kind="build", say=say)
+    try:
+        claim_output(out, resume=resume, overwrite=overwrite, holds=folder_contents(out), kind="build", say=say)
+    except OutputInUse as e:
+        raise SystemExit(str(e)) from None
     if threads:
         torch.set_num_threads(threads)
     return out
