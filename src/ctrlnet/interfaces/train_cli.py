@@ -141,7 +141,8 @@ def _cmd_train(args) -> int:
     import torch
 
     from ctrlnet.training.data import collate, open_dataset
-    from ctrlnet.training.loop import export_result, plan_run, train
+    from ctrlnet.training.loop import export_result, train
+    from ctrlnet.training.run_start import plan_run
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -99,8 +99,8 @@ def load_checkpoint(path) -> dict:
     if len(head) == 0:
         raise CheckpointError(f"{path}: unreadable checkpoint (the file is empty)")
     if len(head) == 9 and head[8:9] == b"{":
-        raise CheckpointError(f"{path}: a safetensors model file, not a training checkpoint "
-                              "(those are RUN/checkpoints/checkpoint-<step>.pt; to start from a model use --controlnet)")
+        raise CheckpointError(f"{path}: a safetensors model file, not a training checkpoint (those are "
+                              "RUN/checkpoints/checkpoint-<step>.pt; to start from a model use --controlnet)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, bad pickle, disk error: one line, naming the file
