@@ -116,3 +116,39 @@ def test_cli_builders(clip, tmp_path):
     args = parser.parse_args(["colorize", "lineart", str(gray)])
     with pytest.raises(ValueError, match="--controlnet"):
         args.func(args)
+
+
+def test_video_job_never_replaces_another_output_silently(models, clip, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    path, frames = clip
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"an earlier video")
+    with pytest.raises(ValueError) as e:
+        video_job.colorize_video(models, path, frames[0], out, "fixed", OPTS, progress=False)
+    assert str(e.value) == (f"{out} holds an earlier video (a video of 0.0 MiB); pass --overwrite to move it aside, "
+                            "or choose another --out")
+    assert out.read_bytes() == b"an earlier video" and not video_job.work_dir_for(out).exists()
+    # a killed frame write and a killed encode left temp files: removed at the start
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    work = video_job.work_dir_for(out)
+    (work / "frames").mkdir(parents=True)
+    stale = [work / "frames" / f".000001.png.{dead.pid}.tmp", tmp_path / f".v.mp4.{dead.pid}.tmp.mp4"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    capsys.readouterr()
+    video_job.colorize_video(models, path, frames[0], out, "fixed", OPTS, progress=False, overwrite=True,
+                             keep_frames=True)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("v.replaced-")]
+    assert len(moved) == 1 and moved[0].suffix == ".mp4" and moved[0].read_bytes() == b"an earlier video"
+    text = capsys.readouterr().out
+    assert f"moved the earlier video in {out} aside to {moved[0]}\n" in text
+    assert not any(p.exists() for p in stale) and count_frames(out) == N
+    # the same job again (its frames kept) may rewrite its own output; once its work folder is
+    # gone, the output is an earlier job's like any other
+    video_job.colorize_video(models, path, frames[0], out, "fixed", OPTS, progress=False)
+    assert count_frames(out) == N and not work.exists()
+    with pytest.raises(ValueError, match="holds an earlier video"):
+        video_job.colorize_video(models, path, frames[0], out, "fixed", OPTS, progress=False)

@@ -289,6 +289,11 @@ def test_bf16_mixed_precision_trains_fp32_master_weights(fill, tmp_path):
         _cfg(mixed_precision="fp8")
 
 
+def _fake_state(**extra) -> dict:
+    """The keys a training checkpoint must have, for tests of the file handling alone."""
+    return {"trainable": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "micro_batches": 0, **extra}
+
+
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     folder = tmp_path / "ck"
     st.save_checkpoint(folder, 1, {"w": torch.ones(3)})
@@ -302,7 +307,7 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
         st.save_checkpoint(folder, 2, {"w": torch.zeros(3)})
     monkeypatch.undo()
     assert [p.name for p in folder.iterdir()] == ["checkpoint-00000001.pt"]  # no temp file left
-    path, state = st.load_latest(folder)
+    state = torch.load(folder / "checkpoint-00000001.pt")
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     # keep_last prunes, keep_every spares milestones
     for step in range(2, 7):
@@ -311,12 +316,13 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     for p in folder.iterdir():
         if p.name != "checkpoint-00000001.pt":
             p.unlink()
-    st.save_checkpoint(folder, 1, {"w": torch.ones(3)})
-    # a damaged newest file is skipped with a warning naming it
+    st.save_checkpoint(folder, 1, _fake_state(w=torch.ones(3)))
+    # a damaged newest file is passed over, and named with the cause
     (folder / "checkpoint-00000003.pt").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="checkpoint-00000003"):
-        path, state = st.load_latest(folder)
-    assert state["step"] == 1
+    (path, state), unreadable = st.find_resume_point(folder)
+    assert state["step"] == 1 and path.name == "checkpoint-00000001.pt"
+    assert [(p.name, "unreadable checkpoint, truncated or damaged" in why) for p, why in unreadable] == [
+        ("checkpoint-00000003.pt", True)]
 
 
 def test_export_round_trip_keeps_the_config(tmp_path):

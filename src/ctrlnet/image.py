@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ctrlnet.atomic import atomic_path
+
 # Bigger inputs are refused before decoding finishes (a 20000x20000 RGB image is 1.2 GB).
 MAX_PIXELS = 64_000_000
 MIN_SIDE = 8
@@ -160,19 +162,19 @@ def load_image(source, max_pixels: int = MAX_PIXELS, keep_alpha: bool = False) -
 
 
 def save_image(x: np.ndarray, path, pnginfo: dict[str, str] | None = None) -> Path:
-    """Write an image atomically (temp file + rename); PNG text chunks from ``pnginfo``."""
+    """Write an image atomically (temp file + rename, :mod:`ctrlnet.atomic`); PNG text chunks from ``pnginfo``."""
     from PIL import Image, PngImagePlugin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
     kwargs = {}
     if fmt == "PNG" and pnginfo:
         info = PngImagePlugin.PngInfo()
         for k, v in pnginfo.items():
             info.add_text(k, v)
         kwargs["pnginfo"] = info
-    Image.fromarray(HWC3(x)).save(tmp, format=fmt, **kwargs)
-    os.replace(tmp, path)
+    # no fsync: data sets write thousands of these, and a lost image is redone on resume
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(HWC3(x)).save(tmp, format=fmt, **kwargs)
     return path

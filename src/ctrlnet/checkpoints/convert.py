@@ -8,12 +8,12 @@ the safetensors metadata (``ctrlnet_config``) so shapes that cannot be inferred 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ctrlnet.atomic import atomic_path
 from ctrlnet.checkpoints import detect
 from ctrlnet.checkpoints.io import CheckpointError, read_checkpoint
 from ctrlnet.checkpoints.load import BaseModels, load_base, load_controlnet
@@ -80,8 +80,9 @@ def write_single_file(sd: dict[str, torch.Tensor], out, config: ModelConfig | No
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = _cast(sd, dtype)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    if out.suffix not in (".safetensors", ".ckpt", ".pth", ".pt"):
+        raise CheckpointError(f"{out}: unknown output type; use .safetensors (or .ckpt/.pth)")
+    with atomic_path(out) as tmp:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -89,14 +90,8 @@ def write_single_file(sd: dict[str, torch.Tensor], out, config: ModelConfig | No
             if config is not None:
                 meta["ctrlnet_config"] = config_to_json(config)
             save_file(sd, str(tmp), metadata=meta)
-        elif out.suffix in (".ckpt", ".pth", ".pt"):
-            torch.save({"state_dict": sd}, tmp)
         else:
-            raise CheckpointError(f"{out}: unknown output type; use .safetensors (or .ckpt/.pth)")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            torch.save({"state_dict": sd}, tmp)
     return out
 
 

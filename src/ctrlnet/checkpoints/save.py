@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ctrlnet.atomic import atomic_path
 from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 CONFIG_KEY = "ctrlnet_config"
@@ -83,15 +84,9 @@ def save_model_file(path, state_dicts_by_prefix: Mapping[str, Mapping[str, torch
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if config is not None:
         meta[CONFIG_KEY] = config_to_json(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
         os.chmod(tmp, 0o644)  # the temp file is private; the model file is for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -118,23 +118,46 @@ def _resize_short(img: np.ndarray, resolution: int | None) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * k)), max(1, round(h * k))), interpolation=interp)
 
 
+PROGRESS = "progress"  # out/progress/<k>.jsonl: the rows of each finished video, until prompt.json is written
+
+
 def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, min_gap: int = 3,
                 max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
-                prompt: str = "", progress: bool = False) -> list[dict]:
+                prompt: str = "", progress: bool = False, resume: bool = False, overwrite: bool = False,
+                say=print) -> list[dict]:
     """Write ``out/{reference,gray,color}/*.png`` and ``out/prompt.json`` for the pairs of
     ``videos``; returns the rows (``source`` = gray target, ``target`` = colour target,
-    ``reference`` = colour reference, plus ``prompt``, ``similarity``, ``video``, ``frames``)."""
+    ``reference`` = colour reference, plus ``prompt``, ``similarity``, ``video``, ``frames``).
+
+    Resumable by video: the rows of each finished video are kept in ``out/progress/`` until
+    ``prompt.json`` is written, and ``resume`` (same settings, see
+    :func:`~ctrlnet.training.run_folder.claim_job_folder`) skips those videos. A folder holding
+    earlier output needs ``resume`` or ``overwrite`` (``OutputInUse``, a ``ValueError``)."""
+    import shutil
+
     from ctrlnet.colorize.video import read_frames
     from ctrlnet.image import save_image
-    from ctrlnet.training.builders import write_jsonl
+    from ctrlnet.training.builders import read_jsonl, write_jsonl
+    from ctrlnet.training.run_folder import claim_job_folder
 
-    out = Path(out)
-    for sub in ("reference", "gray", "color"):
+    settings = {"builder": "video-pairs", "videos": [str(Path(v).resolve()) for v in videos],
+                "video_bytes": [Path(v).stat().st_size for v in videos], "similarity": [low, high],
+                "min_gap": min_gap, "max_gap": max_gap, "stride": stride, "resolution": resolution, "prompt": prompt}
+    out = claim_job_folder(out, settings, resume=resume, overwrite=overwrite, kind="data set", inputs=videos,
+                           say=say)
+    if resume and (out / "prompt.json").is_file() and not (out / PROGRESS).exists():
+        return read_jsonl(out / "prompt.json")  # finished already
+    for sub in ("reference", "gray", "color", PROGRESS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for k, video in enumerate(videos):
         video = Path(video)
         stem = f"{k:03d}_{video.stem}"
+        done = out / PROGRESS / f"{k:03d}.jsonl"
+        if done.is_file():  # finished before an interruption
+            rows += read_jsonl(done)
+            continue
+        first = len(rows)
 
         def write(p: Pair, ref: np.ndarray, tgt: np.ndarray, stem=stem, video=video):
             name = f"{stem}_{p.reference:06d}_{p.target:06d}.png"
@@ -147,7 +170,9 @@ def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, mi
                          "frames": [p.reference, p.target]})
 
         found = select_pairs(read_frames(video), low, high, min_gap, max_gap, stride, on_pair=write)
+        write_jsonl(done, rows[first:])
         if progress:
             print(f"{video}: {len(found)} pairs", flush=True)
     write_jsonl(out / "prompt.json", rows)
+    shutil.rmtree(out / PROGRESS)
     return rows

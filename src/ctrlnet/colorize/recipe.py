@@ -24,7 +24,7 @@ import torch
 
 from ctrlnet.colorize.reference_model import (KIND_KEY, ReferenceControlNet, load_reference_controlnet,
                                                load_reference_vae, save_reference_controlnet)
-from ctrlnet.training.state import prepare_build_dir
+from ctrlnet.training.run_folder import prepare_build_dir
 
 TRAINED_FILE = "colorize_reference.safetensors"
 
@@ -96,7 +96,7 @@ def stage_pairs(out: Path, r: ColorizeRecipe, videos: list[Path]) -> Path:
 
     data = out / "data" / "train"
     if not (data / "prompt.json").is_file():
-        rows = video_pairs(videos, data, r.low, r.high, r.min_gap, r.max_gap)
+        rows = video_pairs(videos, data, r.low, r.high, r.min_gap, r.max_gap, resume=True)  # the build's own
         _log(f"{len(rows)} pairs from {len(videos)} clips")
         if not rows:
             raise SystemExit("no pairs in the similarity range; widen --similarity")
@@ -245,10 +245,11 @@ def stage_train(out: Path, r: ColorizeRecipe, cache: Path, models, resume: bool)
 
 
 def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", resume: bool = False,
-          until: str | None = None) -> Path:
+          until: str | None = None, overwrite: bool = False) -> Path:
     """Run (or continue) every stage; returns the trained colorizer file (or, with
-    ``until="pairs"``, the pairs folder: the data stages need no base model)."""
-    out = prepare_build_dir(out, resume, recipe.threads)
+    ``until="pairs"``, the pairs folder: the data stages need no base model). A non-empty ``out``
+    needs ``resume`` or ``overwrite`` (moved aside; see ``prepare_build_dir``)."""
+    out = prepare_build_dir(out, resume, recipe.threads, overwrite)
     (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
     train_videos, _ = stage_videos(out, recipe)
     data = stage_pairs(out, recipe, train_videos)
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out", help="work folder (videos, pairs, checkpoints, logs)")
     b.add_argument("--base", default="demo", help="demo, a base checkpoint, or random:<preset>")
     b.add_argument("--resume", action="store_true", help="continue a build in OUT")
+    b.add_argument("--overwrite", action="store_true", help="move an earlier build in OUT aside and start over")
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke run")
     b.add_argument("--steps", type=int, default=None, help="override the number of ControlNet training steps")
     b.add_argument("--batch", type=int, default=None, help="override the ControlNet batch size")
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         r = replace(r, cpu=not args.accelerator, **{k: v for k, v in overrides.items() if v is not None})
         if args.size is not None:
             r = replace(r, size=args.size)
-        print(build(args.out, r, base=args.base, resume=args.resume, until=args.until))
+        print(build(args.out, r, base=args.base, resume=args.resume, until=args.until, overwrite=args.overwrite))
     else:
         ship(args.out, args.dest)
     return 0

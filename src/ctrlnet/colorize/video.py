@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from ctrlnet.atomic import atomic_path
 
 
 def _av():
@@ -75,36 +76,30 @@ def write_video(frames: Iterable[np.ndarray], path, fps, size: tuple[int, int] |
     av = _av()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     n = 0
-    try:
-        with av.open(str(tmp), mode="w") as c:
-            stream = None
-            for frame in frames:
-                if stream is None:
-                    w, h = size or (frame.shape[1], frame.shape[0])
-                    codec = _codec_for(av)
-                    stream = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001 * 1000))
-                    stream.width, stream.height = w, h
-                    # 4:2:0 needs even sides; odd sizes keep full chroma (H.264) instead of being cropped
-                    even = w % 2 == 0 and h % 2 == 0
-                    stream.pix_fmt = "yuv420p" if even or codec != "libx264" else "yuv444p"
-                    if codec == "libx264":
-                        stream.options = {"crf": str(crf)}
-                    else:
-                        stream.bit_rate = 8_000_000
-                if frame.shape[:2] != (h, w):
-                    frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
-                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                for packet in stream.encode(vf):
-                    c.mux(packet)
-                n += 1
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), mode="w") as c:
+        stream = None
+        for frame in frames:
             if stream is None:
-                raise ValueError(f"no frames to write to {path}")
-            for packet in stream.encode(None):
+                w, h = size or (frame.shape[1], frame.shape[0])
+                codec = _codec_for(av)
+                stream = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1001 * 1000))
+                stream.width, stream.height = w, h
+                # 4:2:0 needs even sides; odd sizes keep full chroma (H.264) instead of being cropped
+                even = w % 2 == 0 and h % 2 == 0
+                stream.pix_fmt = "yuv420p" if even or codec != "libx264" else "yuv444p"
+                if codec == "libx264":
+                    stream.options = {"crf": str(crf)}
+                else:
+                    stream.bit_rate = 8_000_000
+            if frame.shape[:2] != (h, w):
+                frame = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(vf):
                 c.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            n += 1
+        if stream is None:
+            raise ValueError(f"no frames to write to {path}")
+        for packet in stream.encode(None):
+            c.mux(packet)
     return n

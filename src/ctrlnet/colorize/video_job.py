@@ -6,23 +6,28 @@ but errors can accumulate). Finished frames are PNGs in a work folder next to th
 (``OUT.work/``, with ``job.json`` describing the job); a rerun skips them, so an interrupted job
 continues where it stopped. When all frames exist they are encoded at the source's frame rate
 and size, and the work folder is removed unless ``keep_frames``.
+
+Nothing is lost by accident (:mod:`ctrlnet.training.run_folder`): an existing ``OUT`` that is not
+this job's own (no work folder of the same job) is refused unless ``overwrite``, which moves it
+aside to ``OUT-STEM.replaced-YYYYMMDD-HHMMSS.EXT``; frames of a different job are refused unless
+``restart``, which discards them. Temp files of writes killed earlier are removed at the start.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from ctrlnet.atomic import remove_stale_temps
 from ctrlnet.colorize.reference import ColorizeOptions, colorize_image
 from ctrlnet.colorize.video import probe, read_frames, write_video
 from ctrlnet.image import HWC3, load_image, save_image
 from ctrlnet.pipeline import Models
+from ctrlnet.training.run_folder import check_output, json_values, read_job_record, write_job_record
 
 MODES = ("fixed", "recursive")
 
@@ -39,19 +44,15 @@ def _job(input_path: Path, reference: np.ndarray, mode: str, options: ColorizeOp
             "options": asdict(options)}
 
 
-def _atomic_png(img: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_image(img, tmp)
-    os.replace(tmp, path)
-
-
 def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode: str = "fixed",
                    options: ColorizeOptions = ColorizeOptions(), work_dir=None, keep_frames: bool = False,
-                   restart: bool = False, progress: bool = True, model_name: str = "") -> Path:
+                   restart: bool = False, progress: bool = True, model_name: str = "",
+                   overwrite: bool = False) -> Path:
     """Colour every frame of ``input_path`` and write ``out``; returns ``out``.
 
     Raises ValueError when ``work_dir`` holds frames of a different job (another input,
-    reference, mode or settings) unless ``restart``, which discards them.
+    reference, mode or settings) unless ``restart``, which discards them; ``OutputInUse`` (a
+    ValueError) when ``out`` exists and is not this job's, unless ``overwrite`` (moved aside).
     """
     from tqdm.auto import tqdm
 
@@ -64,16 +65,26 @@ def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode:
     frames_dir = work / "frames"
     job = _job(input_path, reference, mode, options, model_name)
     job_file = work / "job.json"
-    if job_file.is_file() and not restart:
-        old = json.loads(job_file.read_text())
-        if old != job:
-            diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-            raise ValueError(f"{work} holds frames of another job (differs in {', '.join(diff)}); "
-                             "pass --restart to discard them, or choose another output")
-    elif restart and work.exists():
+    old = read_job_record(job_file) if not restart else None
+    if old is not None and old != json_values(job):
+        diff = sorted(k for k in set(old) | set(job) if old.get(k) != json_values(job).get(k))
+        raise ValueError(f"{work} holds frames of another job (differs in {', '.join(diff)}); "
+                         "pass --restart to discard them, or choose another output")
+    same_job = old is not None
+    holds = [f"a video of {out.stat().st_size / 2**20:.1f} MiB"] if out.is_file() and not same_job else []
+    claim = check_output(out, resume=False, overwrite=overwrite, holds=holds, kind="video", inputs=[input_path],
+                         is_dir=False, hint="pass --overwrite to move it aside, or choose another --out")
+    if restart and work.exists():
+        n = len(list(frames_dir.glob("*.png"))) if frames_dir.is_dir() else 0
         shutil.rmtree(work)
+        print(f"discarded {n} frames of an earlier job in {work} (--restart)")
+    for note in claim.apply():
+        print(note)
+    removed = remove_stale_temps(work)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) of writes killed earlier: {', '.join(map(str, removed))}")
     frames_dir.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(json.dumps(job, indent=1))
+    write_job_record(job_file, job)
 
     bar = tqdm(total=info.frames or None, desc=f"colorize ({mode})", unit="frame", disable=not progress)
     prev = reference
@@ -87,7 +98,7 @@ def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode:
         else:
             ref = reference if mode == "fixed" else prev
             result = colorize_image(models, frame, ref, options)
-            _atomic_png(result, path)
+            save_image(result, path)  # atomic: a killed write leaves no partial frame
             prev = result
         n = i + 1
         bar.update(1)

@@ -96,6 +96,9 @@ def add_colorize_parser(subparsers) -> argparse.ArgumentParser:
     vi.add_argument("--work-dir", default=None, help="where finished frames wait (default: OUT.work)")
     vi.add_argument("--keep-frames", action="store_true", help="keep the work folder after writing the video")
     vi.add_argument("--restart", action="store_true", help="discard frames of an earlier, different job")
+    vi.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out that is not this job's: it is moved aside to "
+                         "STEM.replaced-YYYYMMDD-HHMMSS.EXT (nothing is deleted)")
     _add_sampling_args(vi, guidance=1.0, seed=0)
     _add_colorizer_args(vi)
     vi.set_defaults(func=_cmd_video)
@@ -119,6 +122,9 @@ def add_video_pairs_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="frames between references (default: --min-gap)")
     p.add_argument("--resolution", type=int, default=None, help="resize the short side of saved frames")
     p.add_argument("--prompt", default="", help="caption for every row")
+    from ctrlnet.interfaces.train_cli import add_resume_args
+
+    add_resume_args(p, "data set")
     p.set_defaults(func=_cmd_video_pairs)
     return p
 
@@ -198,7 +204,8 @@ def _cmd_video(args) -> int:
     src = Path(args.input)
     out = Path(args.out) if args.out else src.with_name(src.stem + "-colorized.mp4")
     print(colorize_video(models, src, ref, out, args.mode, _options(args), work_dir=args.work_dir,
-                         keep_frames=args.keep_frames, restart=args.restart, model_name=str(args.colorizer)))
+                         keep_frames=args.keep_frames, restart=args.restart, model_name=str(args.colorizer),
+                         overwrite=args.overwrite))
     return 0
 
 
@@ -213,6 +220,6 @@ def _cmd_video_pairs(args) -> int:
             raise FileNotFoundError(f"no video at {v}")
     low, high = args.similarity
     rows = video_pairs(videos, out, low, high, args.min_gap, args.max_gap, args.stride, args.resolution,
-                       args.prompt, progress=True)
+                       args.prompt, progress=True, resume=args.resume, overwrite=args.overwrite)
     print(f"{len(rows)} triples -> {Path(out) / 'prompt.json'}")
     return 0

@@ -31,15 +31,34 @@ def add_train_parser(sub) -> None:
     add_demo_parser(sub)
 
 
+# TrainConfig fields -> the options that set them (for the resume rules in --help)
+TRAIN_FLAGS = {
+    "mode": "--mode", "steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+    "weight_decay": "--weight-decay", "warmup_steps": "--warmup-steps", "lr_decay": "--lr-decay",
+    "max_grad_norm": "--max-grad-norm", "sd_locked": "--unlocked", "only_mid_control": "--only-mid-control",
+    "prompt_dropout": "--prompt-dropout", "mixed_precision": "--mixed-precision",
+    "gradient_checkpointing": "--gradient-checkpointing", "ema_decay": "--ema-decay",
+    "checkpoint_every": "--checkpoint-every", "keep_last": "--keep-last", "sample_every": "--sample-every",
+    "sample_steps": "--sample-steps", "seed": "--seed", "num_workers": "--workers", "progress": "--no-progress",
+    "cpu": "--cpu",
+}
+
+
 def _add_train_command(sub) -> None:
+    from ctrlnet.training.resume_settings import resume_settings_help
+
     p = sub.add_parser(
         "train", help="train a ControlNet (or a small base model / VAE from scratch)",
         description="Train a ControlNet on a data set in the original prompt.json layout or a Hugging Face "
                     "image folder (metadata.jsonl). The ControlNet starts as a copy of the base UNet's encoder "
                     "(add-control) unless --controlnet gives one to continue. Checkpoints are written every "
                     "--checkpoint-every steps (atomically); --resume continues exactly where the newest one "
-                    "left off. Logs: RUN/loss.csv, RUN/loss.png, RUN/samples/ (control / target / prediction).",
-        epilog="examples:\n"
+                    "left off. Logs: RUN/loss.csv (step, loss, lr, ...), RUN/loss.png, RUN/samples/ "
+                    "(control / target / prediction). An --out that holds an earlier run (checkpoints or "
+                    "loss.csv rows) is never overwritten by accident: pass --resume or --overwrite, or the run "
+                    "stops before loading anything. Temp files of writes killed earlier are removed at start.",
+        epilog=resume_settings_help(TRAIN_FLAGS) + "\n\n"
+               "examples:\n"
                "  ctrlnet data fill50k data/fill50k --n 50000 --size 512\n"
                "  ctrlnet train data/fill50k --base v1-5-pruned.safetensors --out runs/fill50k --steps 10000 \\\n"
                "      --batch-size 4 --grad-accum 4 --mixed-precision fp16 --sample-every 500\n"
@@ -73,8 +92,15 @@ def _add_train_command(sub) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     t.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the trained weights (e.g. 0.999)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("--resume-from", help="continue from this checkpoint file")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint that loads (newer unreadable ones "
+                        "are renamed *.unreadable and reported; if none loads, the run stops naming them)")
+    t.add_argument("--resume-from", metavar="FILE",
+                   help="continue from this checkpoint file (it must exist and load); newer checkpoints of "
+                        "the same run are renamed *.superseded")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds an earlier run: it is moved aside to "
+                        "OUT.replaced-YYYYMMDD-HHMMSS (nothing is deleted), as is an existing --export file")
     d = p.add_argument_group("data")
     d.add_argument("--resolution", type=int, default=None,
                    help="scale the short side to this (multiple of 64) and random-crop a square")
@@ -102,7 +128,8 @@ def _models_for(args):
     from ctrlnet.training.models import build_models, load_models
 
     if args.base:
-        return load_models(args.base, controlnet=args.controlnet, add_control=args.mode == "controlnet")
+        return load_models(args.base, controlnet=args.controlnet, add_control=args.mode == "controlnet",
+                           seed=args.seed)
     if args.mode == "controlnet":
         raise ValueError("ControlNet training needs --base (the model the ControlNet steers)")
     if not args.config:
@@ -114,14 +141,39 @@ def _cmd_train(args) -> int:
     import torch
 
     from ctrlnet.training.data import collate, open_dataset
-    from ctrlnet.training.loop import TrainConfig, export_result, train
+    from ctrlnet.training.loop import export_result, train
+    from ctrlnet.training.run_start import plan_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cfg = _train_config(args)
+    export = Path(args.export or Path(args.out) / f"{args.mode}.safetensors")
+    # every refusal (an earlier run in --out, a bad --resume-from, changed settings) comes before
+    # the data set and the models load
+    start = plan_run(args.out, cfg, resume=args.resume_from or args.resume, overwrite=args.overwrite,
+                     inputs=[args.data, args.base, args.controlnet], export=export)
     ds = open_dataset(args.data, resolution=args.resolution, invert_source=args.invert_source, strict=args.strict,
                       image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
                       caption_column=args.caption_column)
-    cfg = TrainConfig(
+    models = _models_for(args)
+    preview = None
+    if args.sample_every:
+        preview = collate([ds.load(i) | {"skipped": []} for i in range(min(4, len(ds)))])
+    res = train(models, ds, cfg, args.out, preview_batch=preview, start=start)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    export_result(models, cfg, export, use_ema=not args.no_ema_export, checkpoint=res.checkpoint)
+    print(f"step {res.step}, loss {res.last_loss:.5f}; wrote {export}"
+          + (f"; skipped {res.skipped} bad examples" if res.skipped else ""))
+    return 0
+
+
+def _train_config(args):
+    from ctrlnet.training.loop import TrainConfig
+
+    return TrainConfig(
         mode=args.mode, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay,
         max_grad_norm=args.max_grad_norm, sd_locked=not args.unlocked, only_mid_control=args.only_mid_control,
@@ -131,24 +183,20 @@ def _cmd_train(args) -> int:
         sample_steps=args.sample_steps, seed=args.seed, num_workers=args.workers,
         progress=not args.no_progress, cpu=args.cpu,
     )
-    models = _models_for(args)
-    preview = None
-    if args.sample_every:
-        preview = collate([ds.load(i) | {"skipped": []} for i in range(min(4, len(ds)))])
-    resume = args.resume_from or args.resume
-    res = train(models, ds, cfg, args.out, resume=resume, preview_batch=preview)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return 0
-    export = Path(args.export or Path(args.out) / f"{args.mode}.safetensors")
-    export_result(models, cfg, export, use_ema=not args.no_ema_export, checkpoint=res.checkpoint)
-    print(f"step {res.step}, loss {res.last_loss:.5f}; wrote {export}"
-          + (f"; skipped {res.skipped} bad examples" if res.skipped else ""))
-    return 0
 
 
 # --- data ----------------------------------------------------------------------------------------
+
+
+def add_resume_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """``--resume`` / ``--overwrite`` of a job whose output folder is its alone (see
+    :mod:`ctrlnet.training.run_folder`)."""
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted {kind} in OUT (same settings, recorded in OUT/job.json); "
+                        "what is written already is kept")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"start over when OUT holds an earlier {kind}: it is moved aside to "
+                        "OUT.replaced-YYYYMMDD-HHMMSS (nothing is deleted)")
 
 
 def add_data_parser(sub) -> None:
@@ -171,6 +219,7 @@ def add_data_parser(sub) -> None:
     f.add_argument("--n", type=int, default=50000)
     f.add_argument("--size", type=int, default=512)
     f.add_argument("--seed", type=int, default=0)
+    add_resume_args(f, "data set")
     a = dsub.add_parser("annotate", help="control maps for a folder of images (targets)")
     a.add_argument("images")
     a.add_argument("out")
@@ -179,6 +228,7 @@ def add_data_parser(sub) -> None:
                    help="annotator parameter (repeatable)")
     a.add_argument("--resolution", type=int, default=None, help="resize images first (short side, /64)")
     a.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    add_resume_args(a, "data set")
     c = dsub.add_parser("captions", help="merge sidecar .txt captions into prompt.json")
     c.add_argument("root", help="data set folder with prompt.json")
     c.add_argument("--captions", default=None, help="folder of <target stem>.txt (default: next to targets)")
@@ -196,11 +246,12 @@ def _cmd_data(args) -> int:
         args.data_parser.print_help()
         return 2
     if cmd == "fill50k":
-        path = builders.make_fill50k(args.out, args.n, args.size, seed=args.seed)
+        path = builders.make_fill50k(args.out, args.n, args.size, seed=args.seed, resume=args.resume,
+                                     overwrite=args.overwrite)
         print(f"wrote {args.n} examples; {path}")
     elif cmd == "annotate":
         path, bad = builders.annotate(args.images, args.out, args.annotator, dict(args.param), args.resolution,
-                                      args.strict)
+                                      args.strict, resume=args.resume, overwrite=args.overwrite)
         print(f"wrote {path}" + (f"; skipped {len(bad)} unreadable: {', '.join(bad)}" if bad else ""))
     elif cmd == "captions":
         n, missing = builders.merge_captions(args.root, args.captions, overwrite=not args.keep)

@@ -2,7 +2,10 @@
 
 All builders write the original ``prompt.json`` layout (one JSON object a line with ``source``,
 ``target``, ``prompt``; paths relative to the data set folder). Images are written atomically and
-``prompt.json`` last, so an interrupted build never looks complete.
+``prompt.json`` last, so an interrupted build never looks complete. The output folder follows
+:mod:`ctrlnet.training.run_folder`: a fresh build refuses a folder with anything in it; ``resume``
+continues an interrupted build with the same settings (recorded in ``job.json``), skipping the
+examples already written; ``overwrite`` moves the earlier folder aside.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ctrlnet.atomic import atomic_path
 from ctrlnet.image import ImageError, load_image, save_image
 from ctrlnet.training.colors import COLORS, color_pairs, fill50k_prompt
+from ctrlnet.training.run_folder import claim_job_folder
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -25,14 +30,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def write_jsonl(path, rows: Iterable[Mapping]) -> Path:
     """Write one JSON object a line, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -62,15 +62,21 @@ def draw_fill50k(size: int, center: tuple[int, int], radius: int, circle_rgb, ba
 
 
 def make_fill50k(out, n: int, size: int = 512, seed: int = 0, colors: Mapping = COLORS,
-                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38) -> Path:
+                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38, resume: bool = False,
+                 overwrite: bool = False, say=print) -> Path:
     """Write ``n`` fill50k-style examples under ``out`` and return the ``prompt.json`` path.
 
     Each row also carries ``circle: [cx, cy, r]`` and the colour names, which
-    ``benchmarks/fidelity.py`` uses; the training data sets ignore extra keys.
+    ``benchmarks/fidelity.py`` uses; the training data sets ignore extra keys. Every example is a
+    pure function of (settings, index), so ``resume`` writes only the missing images and ends with
+    the same files as an uninterrupted build. Raises ``OutputInUse`` (a ``ValueError``) for a
+    folder that holds an earlier build, unless ``resume`` or ``overwrite``.
     """
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
-    out = Path(out)
+    settings = {"builder": "fill50k", "n": n, "size": size, "seed": seed, "colors": dict(colors),
+                "radius": [min_radius_frac, max_radius_frac]}
+    out = claim_job_folder(out, settings, resume=resume, overwrite=overwrite, kind="data set", say=say)
     rng = np.random.default_rng(seed)
     pairs = color_pairs(dict(colors))
     rows = []
@@ -81,10 +87,13 @@ def make_fill50k(out, n: int, size: int = 512, seed: int = 0, colors: Mapping = 
         r = int(rng.integers(int(size * min_radius_frac), int(size * max_radius_frac) + 1))
         margin = r + thickness + 1
         cx, cy = (int(v) for v in rng.integers(margin, size - margin + 1, size=2))
-        hint, target = draw_fill50k(size, (cx, cy), r, colors[circle], colors[background], thickness)
         name = f"{i:0{width}d}.png"
-        save_image(hint, out / "source" / name)
-        save_image(target, out / "target" / name)
+        missing = [k for k in ("source", "target") if not (out / k / name).is_file()]  # all, unless resumed
+        if missing:
+            drawn = dict(zip(("source", "target"),
+                             draw_fill50k(size, (cx, cy), r, colors[circle], colors[background], thickness)))
+            for k in missing:
+                save_image(drawn[k], out / k / name)
         rows.append({"source": f"source/{name}", "target": f"target/{name}",
                      "prompt": fill50k_prompt(circle, background), "circle": [cx, cy, r],
                      "circle_color": circle, "background_color": background})
@@ -107,24 +116,34 @@ def sidecar_caption(image: Path) -> str | None:
 
 
 def annotate(images, out, annotator: str = "canny", params: Mapping | None = None,
-             resolution: int | None = None, strict: bool = False) -> tuple[Path, list[str]]:
+             resolution: int | None = None, strict: bool = False, resume: bool = False,
+             overwrite: bool = False, say=print) -> tuple[Path, list[str]]:
     """Make control maps for every image under ``images`` (the original gradio_annotator step).
 
     Writes ``out/target/`` (copies as PNG), ``out/source/`` (control maps) and ``out/prompt.json``
     with captions from sidecar ``.txt`` files (empty when absent). Unreadable images are skipped
     with a warning and returned by name; ``strict=True`` raises on the first one instead.
+    ``resume`` continues an interrupted run with the same settings, skipping images whose pair is
+    written; a folder holding earlier output needs ``resume`` or ``overwrite`` (``OutputInUse``).
     """
     from ctrlnet.annotators import run_annotator
     from ctrlnet.image import resize_image
 
-    out = Path(out)
     files = _images_in(images)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) under {images}")
+    settings = {"builder": "annotate", "images": str(Path(images).resolve()), "annotator": annotator,
+                "params": dict(params or {}), "resolution": resolution}
+    out = claim_job_folder(out, settings, resume=resume, overwrite=overwrite, kind="data set", inputs=[images],
+                           say=say)
     rows, bad = [], []
     root = Path(images)
     for path in files:
         rel = path.relative_to(root).with_suffix(".png")
+        if (out / "target" / rel).is_file() and (out / "source" / rel).is_file():  # done before a resume
+            rows.append({"source": f"source/{rel.as_posix()}", "target": f"target/{rel.as_posix()}",
+                         "prompt": sidecar_caption(path) or ""})
+            continue
         try:
             img = load_image(path)
         except ImageError as e:

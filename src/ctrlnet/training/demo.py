@@ -26,7 +26,7 @@ from ctrlnet.training.builders import make_fill50k
 from ctrlnet.training.data import LatentDataset, collate, prompt_json_dataset
 from ctrlnet.training.loop import TrainConfig, export_result, train
 from ctrlnet.training.models import TrainModels, build_models, load_model_file
-from ctrlnet.training.state import prepare_build_dir
+from ctrlnet.training.run_folder import prepare_build_dir
 
 BASE_FILE = "demo_base.safetensors"
 CONTROL_FILE = "demo_control_fill50k.safetensors"
@@ -89,9 +89,9 @@ def stage_data(out: Path, r: DemoRecipe) -> tuple[Path, Path]:
     train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
     if not (train_dir / "prompt.json").is_file():
         _log(f"writing {r.n_train} training examples at {r.size}px")
-        make_fill50k(train_dir, r.n_train, r.size, seed=r.seed)
+        make_fill50k(train_dir, r.n_train, r.size, seed=r.seed, resume=True)  # the build's own folder
     if not (held_dir / "prompt.json").is_file():
-        make_fill50k(held_dir, r.n_heldout, r.size, seed=r.seed + 100_003)
+        make_fill50k(held_dir, r.n_heldout, r.size, seed=r.seed + 100_003, resume=True)
     return train_dir, held_dir
 
 
@@ -245,9 +245,10 @@ STAGES = ("data", "vae", "base", "controlnet")
 
 
 def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: ModelConfig = DEMO,
-          until: str | None = None) -> dict[str, Path]:
-    """Run (or continue) every stage; returns the files made. ``until`` stops after that stage."""
-    out = prepare_build_dir(out, resume, recipe.threads)
+          until: str | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """Run (or continue) every stage; returns the files made. ``until`` stops after that stage.
+    A non-empty ``out`` needs ``resume`` or ``overwrite`` (moved aside; see ``prepare_build_dir``)."""
+    out = prepare_build_dir(out, resume, recipe.threads, overwrite)
     config = config.with_(schedule=replace(config.schedule, parameterization=recipe.parameterization))
     rfile = out / "recipe.json"
     if rfile.is_file():
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build (or continue) the demo model from scratch")
     b.add_argument("out", help="work folder (data, checkpoints, logs)")
     b.add_argument("--resume", action="store_true", help="continue a build in OUT")
+    b.add_argument("--overwrite", action="store_true", help="move an earlier build in OUT aside and start over")
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke run of the recipe")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = DemoRecipe(threads=args.threads)
         if args.quick:
             recipe = recipe.quick()
-        build(args.out, recipe, resume=args.resume, until=args.until)
+        build(args.out, recipe, resume=args.resume, until=args.until, overwrite=args.overwrite)
     else:
         ship(args.out, args.dest)
     return 0

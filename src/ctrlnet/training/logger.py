@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
+
+from ctrlnet.atomic import atomic_path
 
 FIELDS = ("step", "loss", "lr", "elapsed_s", "it_per_s", "skipped")
 
@@ -23,12 +24,10 @@ class RunLogger:
         self.csv_path = self.dir / "loss.csv"
         rows = read_loss_csv(self.csv_path) if self.csv_path.exists() else []
         rows = [r for r in rows if r["step"] <= resume_step]
-        tmp = self.csv_path.with_name(".loss.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.csv_path)
         self._f = open(self.csv_path, "a", newline="")
         self._w = csv.DictWriter(self._f, FIELDS)
         self.tb = None
@@ -102,8 +101,9 @@ def plot_loss(csv_path, png_path, title: str = "training loss") -> Path | None:
     ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_path(png_path, keep_suffix=True, fsync=False) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return png_path

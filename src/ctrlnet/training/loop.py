@@ -33,6 +33,8 @@ from ctrlnet.training.models import (
     select_trainable,
     set_gradient_checkpointing,
 )
+from ctrlnet.training.resume_settings import ResumeRefused
+from ctrlnet.training.run_start import RunStart, plan_run
 
 
 @dataclass
@@ -228,19 +230,67 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _check_model_config(start: RunStart, models: TrainModels) -> None:
+    """Refuse to resume a checkpoint of other models (another base, another preset)."""
+    recorded = start.state.get("model_config")
+    if not recorded:
+        return
+    now = asdict(models.config)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif k != "name" or prefix:
+                out[prefix + k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    a, b = flat(recorded), flat(now)
+    diff = [f"{k} is {b.get(k)!r} but the checkpoint's is {a.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    if diff:
+        raise ResumeRefused(f"cannot resume from {start.checkpoint}: the models differ from the ones it was "
+                            f"trained with ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
+                            "build them from the same files as the first run")
+
+
+def _apply_schedule_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """After loading the optimizer and scheduler states (which carry the checkpoint's lr, weight
+    decay and base rates): set this run's, and recompute the rate of the next step from this
+    run's lr, warmup, decay and total steps. With unchanged settings this reproduces the loaded
+    values exactly (``LambdaLR`` computes ``base_lr * lambda(last_epoch)`` the same way)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, lmbda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * lmbda(scheduler.last_epoch)
+
+
 def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool | str = False,
-          preview_batch: dict | None = None, accelerator=None) -> TrainResult:
+          preview_batch: dict | None = None, accelerator=None, overwrite: bool = False,
+          start: RunStart | None = None) -> TrainResult:
     """Train ``models`` on ``dataset`` per ``cfg``; checkpoints, logs and samples go to ``run_dir``.
 
-    ``resume``: True continues from the newest checkpoint in ``run_dir/checkpoints`` (if any), a
-    path continues from that file. The models must be built the same way as in the first run
-    (the checkpoint holds only the trainable weights). Returns the final step and loss.
+    ``resume``: True continues from the newest checkpoint in ``run_dir/checkpoints`` that loads,
+    a path continues from that file; ``overwrite`` moves an earlier run in ``run_dir`` aside. A
+    fresh run refuses a folder that holds one. See :func:`plan_run` for every rule; pass its
+    ``start`` to decide before the models are built (the command line does), else it is made
+    here. The models must be built the same way as in the first run (the checkpoint holds only
+    the trainable weights; a different model config is refused). Returns the final step and loss.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if start is None:
+        start = plan_run(run_dir, cfg, resume, overwrite)
+    elif start.run_dir != run_dir:
+        raise ValueError(f"the start was planned for {start.run_dir}, not {run_dir}")
+    if start.state is not None:
+        _check_model_config(start, models)
     if accelerator is None:
         _release_precision(cfg.mixed_precision)
         accelerator = Accelerator(
@@ -269,15 +319,18 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
+    # every rank has planned (read the folder) before the main process renames anything in it
+    accelerator.wait_for_everyone()
+    if main:
+        for note in start.begin():
+            print(note, flush=True)
+    accelerator.wait_for_everyone()
+
     # resume before wrapping, so every rank starts from the same state
     step, micro_seen, ckpt_path = 0, 0, None
     loaded = None
-    if resume:
-        if isinstance(resume, (str, Path)) and Path(resume).is_file():
-            loaded = (Path(resume), st.load_checkpoint(resume))
-        else:
-            loaded = st.load_latest(ckpt_dir)
-    if loaded is not None:
+    if start.state is not None:
+        loaded = (start.checkpoint, start.state)
         ckpt_path, state = loaded
         missing = set(trainable) - set(state["trainable"])
         if missing:
@@ -288,10 +341,13 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 p.copy_(state["trainable"][n].to(p.dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_schedule_settings(optimizer, scheduler, cfg)
         st.set_rng_state(state["rng"])
         step, micro_seen = state["step"], state["micro_batches"]
         if main:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    else:
+        st.seed_rng(cfg.seed)
 
     objective, optimizer = accelerator.prepare(objective, optimizer)
     # after prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts the same
@@ -302,8 +358,11 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         accelerator.scaler.load_state_dict(loaded[1]["scaler"])
 
     batches = StepBatches(len(dataset), cfg.batch_size, world, rank, cfg.seed, start=micro_seen)
+    # its own generator: an iterator's worker base seed would otherwise be drawn from the global
+    # one, which a resumed run then holds one draw ahead of an uninterrupted run's
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0)
+                        persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(derived_seed(cfg.seed, micro_seen, 13)))
     data_iter = iter(loader)
     logger = RunLogger(run_dir, resume_step=step) if main else None
     tokenizer = models.text.tokenizer if models.text is not None else None
@@ -377,6 +436,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 step_loss += float(loss.detach()) / cfg.grad_accum
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr_used = float(optimizer.param_groups[0]["lr"])  # what this step's update uses: the log shows it
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -392,13 +452,13 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
             losses.append(last_loss)
             elapsed = time.time() - t_start
             if main:
-                logger.log(step, last_loss, scheduler.get_last_lr()[0], elapsed, steps_this_run / max(elapsed, 1e-9),
+                logger.log(step, last_loss, lr_used, elapsed, steps_this_run / max(elapsed, 1e-9),
                            skipped_total)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", skipped=skipped_total, refresh=False)
                 if cfg.log_every and step % cfg.log_every == 0 and not sys.stderr.isatty():
                     # plain lines for log files, where the bar's redraws are hard to read
-                    print(f"step {step} loss {last_loss:.5f} lr {scheduler.get_last_lr()[0]:.3g} "
+                    print(f"step {step} loss {last_loss:.5f} lr {lr_used:.3g} "
                           f"{steps_this_run / max(elapsed, 1e-9):.3f} it/s", flush=True)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt_path = save(step)

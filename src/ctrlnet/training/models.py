@@ -45,14 +45,20 @@ def build_models(config: ModelConfig, seed: int = 0, with_controlnet: bool = Fal
     return TrainModels(config, unet, vae, text, cn)
 
 
-def load_models(base, controlnet=None, add_control: bool = True) -> TrainModels:
+def load_models(base, controlnet=None, add_control: bool = True, seed: int | None = None) -> TrainModels:
     """Load a base checkpoint and either a ControlNet file (to resume) or a fresh copy of the
-    UNet encoder (``add_control``, the original ``tool_add_control.py``)."""
+    UNet encoder (``add_control``, the original ``tool_add_control.py``). The fresh copy's hint
+    block starts random: from ``seed`` when given (the same run in another process starts from
+    the same weights), else from the global generator, which is left as it was either way."""
     from ctrlnet.checkpoints.load import load_base, load_controlnet
 
     b = load_base(base)
     if controlnet is not None:
         cn = load_controlnet(controlnet, base=b.config)
+    elif add_control and seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            cn = ControlNet.from_unet(b.unet, b.config.hint_channels)
     elif add_control:
         cn = ControlNet.from_unet(b.unet, b.config.hint_channels)
     else:

@@ -2,34 +2,27 @@
 
 A checkpoint is one ``torch.save`` file ``checkpoint-<step>.pt`` holding the trainable weights,
 optimizer, scheduler, EMA, grad-scaler and RNG states and the step. It is first written to a
-temporary name in the same folder, flushed to disk, then renamed over the final name, so a run
-killed at any moment leaves the previous checkpoint intact and never a half-written one under a
-final name.
+temporary name in the same folder (``.checkpoint-<step>.pt.<pid>.tmp``, see :mod:`ctrlnet.atomic`),
+flushed to disk, then renamed over the final name, so a run killed at any moment leaves the
+previous checkpoint intact and never a half-written one under a final name. A checkpoint that
+does not load is renamed ``checkpoint-<step>.pt.unreadable`` by the run that finds it, so it is
+neither taken for the newest nor counted by the pruning.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ctrlnet.atomic import atomic_path
+from ctrlnet.checkpoints.io import CheckpointError
+
 _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def prepare_build_dir(out, resume: bool, threads: int = 0) -> Path:
-    """The folder of a multi-stage recipe run: refuse to reuse a non-empty one unless resuming."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SystemExit(f"{out} is not empty; pass --resume to continue the build there")
-    out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    return out
+_SET_ASIDE = re.compile(r"^checkpoint-(\d+)\.pt\.[a-z]+(-\d+)?$")
 
 
 def checkpoint_path(folder, step: int) -> Path:
@@ -49,47 +42,86 @@ def list_checkpoints(folder) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def set_aside_checkpoints(folder) -> list[Path]:
+    """Checkpoints renamed by :func:`ctrlnet.training.run_folder.set_aside`
+    (``checkpoint-<step>.pt.unreadable``, ``.superseded``), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _SET_ASIDE.match(p.name))
+
+
 def atomic_torch_save(obj, path) -> Path:
-    """``torch.save`` to a temp file, fsync, then ``os.replace``; on error the temp file goes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """``torch.save`` to ``.NAME.<pid>.tmp`` (:mod:`ctrlnet.atomic`), fsync, then ``os.replace``;
+    on error the temp file goes and ``path`` is untouched."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def save_checkpoint(folder, step: int, state: dict, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep_last``,
-    sparing those whose step is a multiple of ``keep_every`` (milestones for later evaluation)."""
+    """Write ``state`` as the checkpoint of ``step``, then prune the checkpoints older than it (lower
+    steps) to the newest ``keep_last - 1``, sparing those whose step is a multiple of ``keep_every``
+    (milestones for later evaluation). The one just written is never deleted, nor any with a
+    higher step (another timeline; :func:`~ctrlnet.training.loop.plan_run` sets those aside)."""
     path = atomic_torch_save(dict(state, step=step), checkpoint_path(folder, step))
     if keep_last > 0:
-        for old_step, old in list_checkpoints(folder)[:-keep_last]:
+        older = [(s, p) for s, p in list_checkpoints(folder) if s < step]
+        for old_step, old in older[:max(0, len(older) - (keep_last - 1))]:
             if keep_every and old_step % keep_every == 0:
                 continue
             old.unlink(missing_ok=True)
     return path
 
 
+REQUIRED_KEYS = ("trainable", "optimizer", "scheduler", "rng", "step", "micro_batches")
+
+
+def _one_line(e: BaseException) -> str:
+    """``Class: first sentence`` of an exception (torch appends paragraphs of advice to some)."""
+    text = " ".join(str(e).split())
+    text = text.split(". ")[0].rstrip(".")
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
 def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Read a training checkpoint. Every failure is a :class:`CheckpointError` whose one-line
+    message names the file and the cause (missing, a model file rather than a checkpoint,
+    truncated or damaged, not written by the training loop)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 0:
+        raise CheckpointError(f"{path}: unreadable checkpoint (the file is empty)")
+    if len(head) == 9 and head[8:9] == b"{":
+        raise CheckpointError(f"{path}: a safetensors model file, not a training checkpoint (those are "
+                              "RUN/checkpoints/checkpoint-<step>.pt; to start from a model use --controlnet)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, disk error: one line, naming the file
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or damaged ({_one_line(e)})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        have = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a training checkpoint of ctrlnet (it has {have}, not "
+                              f"{', '.join(REQUIRED_KEYS)})")
+    return state
 
 
-def load_latest(folder) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; an unreadable one is skipped with a warning naming it."""
+def find_resume_point(folder) -> tuple[tuple[Path, dict] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``folder`` that loads, and the newer ones that did not, each
+    with the reason (the caller sets those aside). ``(None, [...])`` when none loads."""
+    unreadable = []
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path)
-        except Exception as e:  # a damaged file (disk error): fall back to the previous one
-            warnings.warn(f"checkpoint {path} is unreadable ({e.__class__.__name__}: {e}); trying an older one")
-    return None
+            return (path, load_checkpoint(path)), unreadable
+        except CheckpointError as e:
+            unreadable.append((path, str(e)))
+    return None, unreadable
 
 
 def rng_state() -> dict:
@@ -98,6 +130,14 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_rng(seed: int) -> None:
+    """Seed the Python, NumPy and torch global generators (a fresh run; a resumed one restores
+    them with :func:`set_rng_state`), so every checkpoint is a function of the run's settings."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict) -> None:
