@@ -44,13 +44,20 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     problems = key_problems(own, sd, harmless=harmless)
     if problems:
         raise CheckpointError(f"{path}: the {what} weights do not fit the {what} architecture: " + "; ".join(problems))
-    tensors = {k: (v.to(dtype or own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items() if k in own}
+    tensors = {k: _aligned(v.to(dtype or own[k].dtype) if v.is_floating_point() else v)
+               for k, v in sd.items() if k in own}
     module.load_state_dict(tensors, strict=False, assign=True)
     # non-persistent buffers built on meta need real storage
     for name, buf in list(module.named_buffers()):
         if buf.is_meta:
             raise CheckpointError(f"{path}: buffer {name} of the {what} was not loaded")
     return module
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # Tensors memory-mapped from a safetensors file can start at any byte; CPU kernels then take
+    # other SIMD paths and round differently from the same weights in fresh memory. Copy those.
+    return t.clone() if t.data_ptr() % 64 else t
 
 
 def _meta(factory):
