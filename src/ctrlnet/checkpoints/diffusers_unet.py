@@ -178,18 +178,18 @@ _FIXED_FIELDS = {
 }
 
 
-def check_supported(cfg: Mapping, where: str = "config.json") -> None:
+def check_supported(cfg: Mapping) -> None:
     """Refuse a diffusers UNet/ControlNet config whose fields would change the network beyond the
     SD layout (``ValueError`` naming the first such field and its value)."""
     for name, ok in _FIXED_FIELDS.items():
         if name in cfg and cfg[name] not in ok:
-            raise ValueError(f"{where}: {name}={cfg[name]!r} is not supported (SD1.x/SD2.x use {ok[0]!r})")
+            raise ValueError(f"{name}={cfg[name]!r} is not supported (SD1.x/SD2.x use {ok[0]!r})")
     groups = cfg.get("norm_num_groups", 32)
     if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{where}: norm_num_groups={groups!r} is not supported (a positive group count is needed)")
+        raise ValueError(f"norm_num_groups={groups!r} is not supported (a positive group count is needed)")
     bad = [c for c in cfg.get("block_out_channels", ()) if c % groups]
     if bad:
-        raise ValueError(f"{where}: norm_num_groups={groups} does not divide block_out_channels {bad}")
+        raise ValueError(f"norm_num_groups={groups} does not divide block_out_channels {bad}")
 
 
 def params_from_diffusers(cfg: Mapping, kind: str = "unet") -> dict:

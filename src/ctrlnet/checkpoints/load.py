@@ -324,6 +324,11 @@ def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = 
         # head counts cannot be read from weights: take them from the base it runs with
         params.update(num_heads=base.unet.num_heads, num_head_channels=base.unet.num_head_channels,
                       norm_num_groups=base.unet.norm_num_groups)
+    elif not ckpt.config and not detect.detect_layout(ckpt.state_dict).diffusers_control:
+        try:
+            detect.check_head_rule(params)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if is_difference(ckpt):
         if base_unet is None:
             raise CheckpointError(
