@@ -251,8 +251,10 @@ def save_diffusers_controlnet(net, out: Path, dtype: torch.dtype | None = None) 
     return Path(out)
 
 
-def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write BaseModels as a diffusers StableDiffusionPipeline folder (UNet, VAE, text encoder, scheduler)."""
+def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None, controlnets: dict | None = None) -> Path:
+    """Write BaseModels as a diffusers pipeline folder that ``from_pretrained`` opens with no extra
+    argument: UNet, VAE, text encoder, tokenizer, DDIM scheduler and a complete ``model_index.json``;
+    with ``controlnets`` a ``StableDiffusionControlNetPipeline`` (``controlnet/``, ``controlnet_1/``, ...)."""
     out = Path(out)
 
     def cast(sd):
@@ -285,8 +287,25 @@ def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None) -> Pa
                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[s.parameterization])
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index = dict(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
-                 vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
-                 scheduler=["diffusers", "DDIMScheduler"])
+    from ctrlnet.checkpoints.diffusers_tokenizer import write_tokenizer
+
+    write_tokenizer(out / "tokenizer", base.text_encoder.pad, t.max_length)
+    nets = list((controlnets or {}).values())
+    for i, net in enumerate(nets):
+        save_diffusers_controlnet(net, out / ("controlnet" if i == 0 else f"controlnet_{i}"), dtype)
+    try:
+        from diffusers import __version__ as diffusers_version
+    except ImportError:  # diffusers is not needed to write the folder
+        diffusers_version = "0.25.0"
+    # every component StableDiffusion(ControlNet)Pipeline.__init__ takes, so from_pretrained needs no
+    # extra argument: the optional ones are null, and no safety checker is required
+    index = dict(_class_name="StableDiffusionControlNetPipeline" if nets else "StableDiffusionPipeline",
+                 _diffusers_version=diffusers_version,
+                 unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
+                 text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
+                 scheduler=["diffusers", "DDIMScheduler"], safety_checker=[None, None],
+                 feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+    if nets:
+        index["controlnet"] = ["diffusers", "ControlNetModel" if len(nets) == 1 else "MultiControlNetModel"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
