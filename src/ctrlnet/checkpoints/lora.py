@@ -250,12 +250,12 @@ def _text_names(module: nn.Module) -> dict[str, Target]:
     if any(k.startswith("transformer.resblocks.") for k, _ in module.named_parameters()):  # SD2 OpenCLIP
         width = module.state_dict()["token_embedding.weight"].shape[1]
         for key, p in module.named_parameters():
-            m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.weight$", key)
+            m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)[._]weight$", key)
             if m is None or p.ndim < 2:
                 continue
             i, rest = m.groups()
             hf = f"text_model.encoder.layers.{i}."
-            if rest == "attn.in_proj":
+            if rest == "attn.in_proj":  # the packed q/k/v of nn.MultiheadAttention: rows per projection
                 for j, q in enumerate("qkv"):
                     t = Target("text", key, (j * width, (j + 1) * width))
                     for n in (*_aliases(f"{hf}self_attn.{q}_proj"), *_aliases(f"encoder.layers.{i}.self_attn.{q}_proj")):
