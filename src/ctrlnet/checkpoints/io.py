@@ -202,8 +202,13 @@ def _read_pickle(path: Path, head: bytes) -> Checkpoint:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         msg = plain(str(e))
-        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"function (<[^>]*>|[\w.]+)", msg)
-        what = f"the global {m.group(1)}" if m else msg.split("\n")[0][:200]
+        # torch's restricted unpickler names what it refused; anything else is a broken pickle
+        m = (re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function (<[^>]*>|[\w.]+)", msg)
+             or re.search(r"but got (<class '[^']*'>)", msg))
+        if m is None:
+            detail = msg.split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+            raise CheckpointError(f"{path}: not a readable checkpoint, or truncated ({detail})") from None
+        what = f"the global {m.group(1)}"
         raise CheckpointError(
             f"{path}: refused to load: the pickle refers to {what}, which is not a tensor and not on the "
             f"short allow-list of harmless globals (Lightning callbacks, numpy scalars); loading it could run "

@@ -44,6 +44,11 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     problems = key_problems(own, sd, harmless=harmless)
     if problems:
         raise CheckpointError(f"{path}: the {what} weights do not fit the {what} architecture: " + "; ".join(problems))
+    wrong = [f"{k} ({v.dtype})" for k, v in sd.items() if k in own and own[k].is_floating_point()
+             and not v.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} {what} weights are not floating-point numbers: "
+                              f"{', '.join(wrong[:5])}; the file is damaged or not a model of this kind")
     tensors = {k: _aligned(v.to(dtype or own[k].dtype) if v.is_floating_point() else v)
                for k, v in sd.items() if k in own}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
