@@ -28,6 +28,7 @@ class _EncoderLayout:
     context_dim: int = 768
     legacy: bool = False
     use_checkpoint: bool = False
+    norm_num_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups; 32 in every SD release)
 
     def kwargs(self) -> dict:
         return asdict(self)
@@ -69,6 +70,7 @@ class VAEConfig:
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
     scale_factor: float = 0.18215
+    norm_num_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups; 32 in every SD release)
 
     def kwargs(self) -> dict:
         return asdict(self)
@@ -103,6 +105,9 @@ class ScheduleConfig:
     linear_end: float = 0.0120
     timesteps: int = 1000
     parameterization: Literal["eps", "v"] = "eps"
+    # where the loader took ``parameterization`` from (a file's metadata, a yaml beside it, ...);
+    # informative only, so it is left out of comparisons
+    parameterization_source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ class Converted:
     layout: str  # "single" | "diffusers"
     path: Path
     tensors: int
+    dtype: str = ""
 
 
 def detect_part(path) -> str:
@@ -95,15 +96,38 @@ def write_single_file(sd: dict[str, torch.Tensor], out, config: ModelConfig | No
     return out
 
 
+def source_dtype(path) -> torch.dtype:
+    """The floating dtype holding most of the weights of a file or diffusers folder (``torch.float32``
+    when there are none): what ``convert`` writes unless told otherwise."""
+    from collections import Counter
+
+    from ctrlnet.checkpoints.diffusers_folder import read_weights
+
+    path = Path(path)
+    if path.is_dir():
+        sub = path / "unet" if (path / "unet").is_dir() else path
+        sd = read_weights(sub)
+    else:
+        sd = read_checkpoint(path).state_dict
+    count = Counter()
+    for v in sd.values():
+        if v.is_floating_point():
+            count[v.dtype] += v.numel()
+    return count.most_common(1)[0][0] if count else torch.float32
+
+
 def convert(src, out, to: str | None = None, part: str = "auto", dtype: torch.dtype | None = None,
-            base_config_from=None) -> Converted:
+            base_config_from=None, controlnets=()) -> Converted:
     """Convert ``src`` (single file or diffusers folder) to ``to`` = ``"single"`` or ``"diffusers"``.
 
     ``to=None`` picks from ``out``: a name ending in ``.safetensors``/``.ckpt``/``.pth`` is a single
-    file, anything else a diffusers folder. ``part`` (``auto``/``base``/``controlnet``) chooses what to
-    take from a file that holds both. ``dtype`` (e.g. ``torch.float16``) casts floating tensors.
-    ``base_config_from`` is a base model whose config a ControlNet is checked against and takes its
-    head counts from (needed for small custom models whose heads cannot be read from the weights).
+    file, anything else a diffusers folder. ``part`` (``auto``/``base``/``controlnet``/``all``) chooses
+    what to take from a file that holds both (``all``: a diffusers ControlNet pipeline of both).
+    ``dtype`` (e.g. ``torch.float16``) casts floating tensors; ``None`` keeps the source's dtype
+    (:func:`source_dtype`). ``base_config_from`` is a base model whose config a ControlNet is
+    checked against and takes its head counts from (needed for small custom models whose heads
+    cannot be read from the weights). ``controlnets``: ControlNet files/folders to add to a base
+    converted to diffusers (``controlnet/``, ``controlnet_1/``, ...: a ``StableDiffusionControlNetPipeline``).
     """
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -115,18 +139,31 @@ def convert(src, out, to: str | None = None, part: str = "auto", dtype: torch.dt
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: the output would overwrite the input")
     part = detect_part(src) if part == "auto" else part
-    if part == "base":
+    if dtype is None:
+        dtype = source_dtype(src)
+    if controlnets and (part != "base" or to != "diffusers"):
+        raise ValueError("controlnets can only be added to a base model converted to a diffusers folder")
+    if part in ("base", "all"):
         base = load_base(src)
+        nets = {}
+        if part == "all":
+            nets["controlnet"] = load_controlnet(src, base=base.config, base_unet=base.unet)
+        for i, p in enumerate(controlnets):
+            nets[f"controlnet_{i}"] = load_controlnet(p, base=base.config, base_unet=base.unet)
         if to == "single":
+            if nets:
+                raise ValueError("part='all' writes a diffusers folder; a single file holds one part")
             path = write_single_file(base_state_dict(base), out, base.config, dtype)
         else:
             from ctrlnet.checkpoints.diffusers_folder import save_diffusers_base
 
-            path = save_diffusers_base(base, out, dtype)
-        n = sum(len(m.state_dict()) for m in (base.unet, base.vae, base.text_encoder))
+            path = save_diffusers_base(base, out, dtype, controlnets=nets)
+        n = sum(len(m.state_dict()) for m in (base.unet, base.vae, base.text_encoder, *nets.values()))
     elif part == "controlnet":
-        cfg = load_base(base_config_from).config if base_config_from is not None else None
-        net = load_controlnet(src, base=cfg)
+        ref = load_base(base_config_from) if base_config_from is not None else None
+        cfg = ref.config if ref is not None else None
+        # a "difference" ControlNet is written whole: the base UNet is added back on loading
+        net = load_controlnet(src, base=cfg, base_unet=ref.unet if ref is not None else None)
         if to == "single":
             path = write_single_file(controlnet_state_dict(net), out, cfg, dtype)
         else:
@@ -135,5 +172,5 @@ def convert(src, out, to: str | None = None, part: str = "auto", dtype: torch.dt
             path = save_diffusers_controlnet(net, out, dtype)
         n = len(net.state_dict())
     else:
-        raise ValueError(f"part={part!r}: must be 'auto', 'base' or 'controlnet'")
-    return Converted(part, to, Path(path), n)
+        raise ValueError(f"part={part!r}: must be 'auto', 'base', 'controlnet' or 'all'")
+    return Converted(part, to, Path(path), n, str(dtype).replace("torch.", ""))

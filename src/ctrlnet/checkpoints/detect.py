@@ -115,11 +115,28 @@ def infer_unet_params(sd: Mapping[str, torch.Tensor], kind: str = "unet") -> dic
         use_linear_in_transformer=use_linear, transformer_depth=depth, context_dim=context_dim, legacy=False,
     )
     if kind == "unet":
+        check_head_rule(p)
         out = sd.get("out.2.weight")
         p["out_channels"] = out.shape[0] if out is not None else in_ch  # a broken file is reported by the loader
     else:
         p["hint_channels"] = sd[_HINT_SENTINEL].shape[1]
     return p
+
+
+def check_head_rule(p: dict) -> None:
+    """Raise ValueError when the SD head rule that :func:`infer_unet_params` applied cannot fit the
+    block widths (small custom models): better refused than built with zero-width heads."""
+    mc, mult = p["model_channels"], p["channel_mult"]
+    attn = p["attention_resolutions"]
+    widths = sorted({mc * mult[lvl] for lvl in range(len(mult)) if 2**lvl in attn} | {mc * mult[-1]})
+    unit = p["num_heads"] if p["num_head_channels"] == -1 else p["num_head_channels"]
+    if any(w % unit or w < unit for w in widths):
+        rule = f"{unit} heads" if p["num_head_channels"] == -1 else f"{unit}-channel heads"
+        raise ValueError(
+            f"attention head counts cannot be read from weights, and the SD rule for a {p['context_dim']}-wide "
+            f"context ({rule}) does not fit the block widths {widths}; use a file with a stored config "
+            "(ctrlnet convert ... --base) or a diffusers folder, or load it with its base model"
+        )
 
 
 def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:

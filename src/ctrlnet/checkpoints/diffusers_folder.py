@@ -18,10 +18,52 @@ from ctrlnet.checkpoints import diffusers_vae as dv
 from ctrlnet.checkpoints.io import CheckpointError, read_checkpoint
 from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
-_WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-    "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
-)
+_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_VARIANTS = ("", "fp16", "bf16", "fp32")  # "" first: a folder with both uses the full-precision files
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight file(s) of one diffusers component, in the order diffusers looks for them.
+
+    Safetensors before ``.bin``, plain before variants (``*.fp16.safetensors``, ``*.fp16.bin``);
+    a sharded save (``*.safetensors.index[.fp16].json`` + ``*-0000N-of-0000M.*``) gives all its
+    shards. Raises :class:`CheckpointError` if there is none or a shard named by the index is missing.
+    """
+    for ext in ("safetensors", "bin"):
+        for variant in _VARIANTS:
+            dot = f".{variant}" if variant else ""
+            for stem in _STEMS:
+                single = folder / f"{stem}{dot}.{ext}"
+                if single.is_file():
+                    return [single]
+                index = folder / f"{stem}.{ext}.index{dot}.json"
+                if index.is_file():
+                    wmap = _read_json(index).get("weight_map")
+                    if not isinstance(wmap, dict) or not wmap:
+                        raise CheckpointError(f"{index}: no weight_map in the shard index")
+                    shards = [folder / name for name in dict.fromkeys(wmap.values())]
+                    missing = [p.name for p in shards if not p.is_file()]
+                    if missing:
+                        raise CheckpointError(f"{index}: {len(missing)} of {len(shards)} shards are missing: "
+                                              f"{', '.join(missing[:5])}; download them again")
+                    return shards
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"{folder}: no weight file (looked for {'/'.join(_STEMS)}[.fp16].safetensors|.bin and their shard "
+        f"indexes; the folder holds: {', '.join(present[:10]) or 'nothing'})"
+    )
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one diffusers component, merging shards (a key in two shards is an error)."""
+    sd: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        part = read_checkpoint(path).state_dict
+        twice = sorted(set(part) & set(sd))
+        if twice:
+            raise CheckpointError(f"{path}: keys also in another shard: {', '.join(twice[:5])}")
+        sd.update(part)
+    return sd
 
 
 def _read_json(path: Path) -> dict:
@@ -34,16 +76,26 @@ def _read_json(path: Path) -> dict:
 
 
 def _component(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not folder.is_dir():
+        raise CheckpointError(f"diffusers folder is missing the {folder.name}/ component ({folder})")
     cfg = _read_json(folder / "config.json")
-    for name in _WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return cfg, read_checkpoint(folder / name).state_dict
-    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(_WEIGHT_NAMES)})")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{folder / 'config.json'}: not a JSON object")
+    return cfg, read_weights(folder)
 
 
 def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+    """A ``VAEConfig`` from a diffusers ``AutoencoderKL`` config (``norm_num_groups`` carried;
+    attention levels and 1x1 quant convs are the SD layout, others are refused)."""
     chans = list(cfg["block_out_channels"])
+    for name, ok in (("act_fn", "silu"), ("use_quant_conv", True), ("use_post_quant_conv", True),
+                     ("mid_block_add_attention", True), ("force_upcast", None)):
+        if ok is not None and name in cfg and cfg[name] != ok:
+            raise CheckpointError(f"VAE config: {name}={cfg[name]!r} is not supported (SD uses {ok!r})")
+    attn = [t.startswith("Attn") for t in cfg.get("down_block_types", ())]
     return VAEConfig(
+        norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+        attn_resolutions=tuple(256 // 2**i for i, a in enumerate(attn) if a),
         embed_dim=cfg.get("latent_channels", 4), z_channels=cfg.get("latent_channels", 4),
         in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3), ch=chans[0],
         ch_mult=tuple(c // chans[0] for c in chans), num_res_blocks=cfg.get("layers_per_block", 2),
@@ -69,17 +121,32 @@ def _text(folder: Path) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
 def _schedule(root: Path, parameterization: str | None) -> ScheduleConfig:
     p = root / "scheduler" / "scheduler_config.json"
     sc = _read_json(p) if p.is_file() else {}
-    pred = parameterization or {"epsilon": "eps", "v_prediction": "v"}.get(sc.get("prediction_type", "epsilon"))
+    if parameterization:
+        pred, source = parameterization, "given by the caller"
+    else:
+        pred = {"epsilon": "eps", "v_prediction": "v"}.get(sc.get("prediction_type", "epsilon"))
+        source = f"{p.relative_to(root)} prediction_type" if "prediction_type" in sc else "default (eps)"
     if pred is None:
         raise CheckpointError(f"{p}: unsupported prediction_type {sc.get('prediction_type')!r}")
     if sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise CheckpointError(f"{p}: only the scaled_linear beta schedule of SD is supported")
     return ScheduleConfig(linear_start=sc.get("beta_start", 0.00085), linear_end=sc.get("beta_end", 0.012),
-                          timesteps=sc.get("num_train_timesteps", 1000), parameterization=pred)
+                          timesteps=sc.get("num_train_timesteps", 1000), parameterization=pred,
+                          parameterization_source=source)
+
+
+def _checked(where: Path, fn, *args):
+    # the converters raise ValueError/KeyError on configs or keys outside the SD layout
+    try:
+        return fn(*args)
+    except (ValueError, KeyError, TypeError) as e:
+        msg = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise CheckpointError(f"{where}: {msg}") from None
 
 
 def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, parameterization: str | None = None):
-    """A diffusers SD pipeline folder as our BaseModels."""
+    """A diffusers SD pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``) as our
+    BaseModels; sharded and ``fp16``-variant weights are read, ``norm_num_groups`` is carried."""
     from ctrlnet.checkpoints.load import BaseModels, _meta, load_into
     from ctrlnet.models.text_encoder import HARMLESS_KEYS, build_text_encoder
     from ctrlnet.models.unet import UNetModel
@@ -89,35 +156,78 @@ def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, paramete
     if not (root / "unet").is_dir():
         raise CheckpointError(f"{root}: not a diffusers pipeline folder (no unet/ subfolder)")
     ucfg, usd = _component(root / "unet")
-    uparams = du.params_from_diffusers(ucfg, "unet")
+    uparams = _checked(root / "unet" / "config.json", du.params_from_diffusers, ucfg, "unet")
     unet_cfg = UNetConfig(**uparams)
     vcfg_raw, vsd = _component(root / "vae")
-    vae_cfg = vae_config_from_diffusers(vcfg_raw)
-    tcfg, tsd = _text(root / "text_encoder")
+    vae_cfg = _checked(root / "vae" / "config.json", vae_config_from_diffusers, vcfg_raw)
+    tcfg, tsd = _checked(root / "text_encoder", _text, root / "text_encoder")
     cfg = ModelConfig(name=f"diffusers:{root.name}", unet=unet_cfg, vae=vae_cfg, text=tcfg,
                       schedule=_schedule(root, parameterization))
-    unet = load_into(_meta(lambda: UNetModel(**unet_cfg.kwargs())), du.from_diffusers(usd, uparams), "UNet",
-                     root / "unet", dtype=dtype)
-    vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs())), dv.vae_from_diffusers(vsd), "VAE",
-                    root / "vae", dtype=dtype)
+    unet = load_into(_meta(lambda: UNetModel(**unet_cfg.kwargs())),
+                     _checked(root / "unet", du.from_diffusers, usd, uparams), "UNet", root / "unet", dtype=dtype)
+    vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs())),
+                    _checked(root / "vae", dv.vae_from_diffusers, vsd), "VAE", root / "vae", dtype=dtype)
     text = load_into(build_text_encoder(tcfg, device="meta"), tsd, "text encoder", root / "text_encoder",
                      harmless=HARMLESS_KEYS, dtype=dtype)
     return BaseModels(cfg, unet.eval(), vae.eval(), text.eval(), str(root))
 
 
+def is_pipeline_folder(path: Path) -> bool:
+    """A diffusers pipeline folder (``model_index.json`` or a ``unet/`` component)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+
+
+def pipeline_controlnets(root: Path) -> dict[str, Path]:
+    """The ControlNet components of a diffusers pipeline folder, in order: ``controlnet/``, then
+    ``controlnet_1``, ``controlnet_2``, ... (how diffusers saves a ``MultiControlNetModel``) or
+    ``controlnet_0..N``. Names are ``controlnet``, ``controlnet_1``, ...; empty if there are none."""
+    root = Path(root)
+    found: dict[int, Path] = {}
+    if (root / "controlnet" / "config.json").is_file():
+        found[0] = root / "controlnet"
+    for sub in root.glob("controlnet_*"):
+        tail = sub.name.split("_", 1)[1]
+        if tail.isdigit() and (sub / "config.json").is_file():
+            i = int(tail)
+            if i in found:
+                raise CheckpointError(f"{root}: both {found[i].name}/ and {sub.name}/ claim ControlNet number {i}")
+            found[i] = sub
+    return {("controlnet" if i == 0 else f"controlnet_{i}"): found[i] for i in sorted(found)}
+
+
 def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32):
-    """A diffusers ControlNetModel folder as our ControlNet."""
+    """A diffusers ControlNetModel folder as our ControlNet.
+
+    A pipeline folder with exactly one ControlNet (``controlnet/``) stands for it; with several,
+    :class:`CheckpointError` names the subfolders to choose from.
+    """
     from ctrlnet.checkpoints.load import _meta, check_fits, load_into
     from ctrlnet.models.controlnet import ControlNet
 
-    cfg, sd = _component(Path(root))
+    root = Path(root)
+    if is_pipeline_folder(root):
+        nets = pipeline_controlnets(root)
+        if len(nets) != 1:
+            which = ", ".join(str(p) for p in nets.values())
+            raise CheckpointError(f"{root}: a diffusers pipeline folder with "
+                                  + (f"{len(nets)} ControlNets; pass one of {which}" if nets else "no controlnet/ subfolder"))
+        root = next(iter(nets.values()))
+    cfg, sd = _component(root)
     if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise CheckpointError(f"{root}: config.json describes a {cfg.get('_class_name')}, not a ControlNetModel")
-    params = du.params_from_diffusers(cfg, "controlnet")
+    emb = list(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+    if emb != [16, 32, 96, 256]:
+        raise CheckpointError(f"{root / 'config.json'}: conditioning_embedding_out_channels={emb} is not supported "
+                              "(the ControlNet hint encoder has [16, 32, 96, 256])")
+    if cfg.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
+        raise CheckpointError(f"{root / 'config.json'}: controlnet_conditioning_channel_order="
+                              f"{cfg['controlnet_conditioning_channel_order']!r} is not supported (rgb)")
+    params = _checked(root / "config.json", du.params_from_diffusers, cfg, "controlnet")
     if base is not None:
         check_fits(params, base, root)
-    net = load_into(_meta(lambda: ControlNet(**params)), du.from_diffusers(sd, params, "controlnet"), "ControlNet",
-                    root, dtype=dtype)
+    net = load_into(_meta(lambda: ControlNet(**params)), _checked(root, du.from_diffusers, sd, params, "controlnet"),
+                    "ControlNet", root, dtype=dtype)
     return net.eval()
 
 
@@ -141,8 +251,10 @@ def save_diffusers_controlnet(net, out: Path, dtype: torch.dtype | None = None) 
     return Path(out)
 
 
-def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write BaseModels as a diffusers StableDiffusionPipeline folder (UNet, VAE, text encoder, scheduler)."""
+def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None, controlnets: dict | None = None) -> Path:
+    """Write BaseModels as a diffusers pipeline folder that ``from_pretrained`` opens with no extra
+    argument: UNet, VAE, text encoder, tokenizer, DDIM scheduler and a complete ``model_index.json``;
+    with ``controlnets`` a ``StableDiffusionControlNetPipeline`` (``controlnet/``, ``controlnet_1/``, ...)."""
     out = Path(out)
 
     def cast(sd):
@@ -175,8 +287,25 @@ def save_diffusers_base(base, out: Path, dtype: torch.dtype | None = None) -> Pa
                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[s.parameterization])
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    index = dict(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
-                 vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
-                 scheduler=["diffusers", "DDIMScheduler"])
+    from ctrlnet.checkpoints.diffusers_tokenizer import write_tokenizer
+
+    write_tokenizer(out / "tokenizer", base.text_encoder.pad, t.max_length)
+    nets = list((controlnets or {}).values())
+    for i, net in enumerate(nets):
+        save_diffusers_controlnet(net, out / ("controlnet" if i == 0 else f"controlnet_{i}"), dtype)
+    try:
+        from diffusers import __version__ as diffusers_version
+    except ImportError:  # diffusers is not needed to write the folder
+        diffusers_version = "0.25.0"
+    # every component StableDiffusion(ControlNet)Pipeline.__init__ takes, so from_pretrained needs no
+    # extra argument: the optional ones are null, and no safety checker is required
+    index = dict(_class_name="StableDiffusionControlNetPipeline" if nets else "StableDiffusionPipeline",
+                 _diffusers_version=diffusers_version,
+                 unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"],
+                 text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
+                 scheduler=["diffusers", "DDIMScheduler"], safety_checker=[None, None],
+                 feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+    if nets:
+        index["controlnet"] = ["diffusers", "ControlNetModel" if len(nets) == 1 else "MultiControlNetModel"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -136,7 +136,7 @@ def diffusers_config(params: Mapping, kind: str = "unet") -> dict:
         attention_head_dim=heads,
         use_linear_projection=bool(params.get("use_linear_in_transformer", False)),
         transformer_layers_per_block=params.get("transformer_depth", 1),
-        norm_num_groups=32,
+        norm_num_groups=params.get("norm_num_groups", 32),
         norm_eps=1e-5,
         flip_sin_to_cos=True,
         freq_shift=0,
@@ -162,8 +162,40 @@ def diffusers_config(params: Mapping, kind: str = "unet") -> dict:
     return cfg
 
 
+# diffusers config fields that change the network but that our SD layout does not model, with the
+# values every SD1.x/SD2.x config has (None = field absent is fine too). A config with another
+# value is refused naming the field, rather than loaded into a network that computes otherwise.
+_FIXED_FIELDS = {
+    "norm_eps": (1e-5,), "act_fn": ("silu",), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "resnet_time_scale_shift": ("default",), "time_embedding_type": ("positional",),
+    "class_embed_type": (None,), "addition_embed_type": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "num_class_embeds": (None,), "projection_class_embeddings_input_dim": (None,),
+    "dual_cross_attention": (False,), "only_cross_attention": (False, [False]), "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,), "mid_block_type": ("UNetMidBlock2DCrossAttn",), "center_input_sample": (False,),
+    "time_embedding_dim": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,), "addition_time_embed_dim": (None,), "reverse_transformer_layers_per_block": (None,),
+}
+
+
+def check_supported(cfg: Mapping) -> None:
+    """Refuse a diffusers UNet/ControlNet config whose fields would change the network beyond the
+    SD layout (``ValueError`` naming the first such field and its value)."""
+    for name, ok in _FIXED_FIELDS.items():
+        if name in cfg and cfg[name] not in ok:
+            raise ValueError(f"{name}={cfg[name]!r} is not supported (SD1.x/SD2.x use {ok[0]!r})")
+    groups = cfg.get("norm_num_groups", 32)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"norm_num_groups={groups!r} is not supported (a positive group count is needed)")
+    bad = [c for c in cfg.get("block_out_channels", ()) if c % groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={groups} does not divide block_out_channels {bad}")
+
+
 def params_from_diffusers(cfg: Mapping, kind: str = "unet") -> dict:
-    """Our constructor params from a diffusers ``config.json`` dict."""
+    """Our constructor params from a diffusers ``config.json`` dict (``norm_num_groups`` carried;
+    fields outside the SD layout refused by :func:`check_supported`)."""
+    check_supported(cfg)
     chans = list(cfg["block_out_channels"])
     mc = chans[0]
     if any(c % mc for c in chans):
@@ -197,6 +229,7 @@ def params_from_diffusers(cfg: Mapping, kind: str = "unet") -> dict:
         transformer_depth=depth,
         context_dim=ctx,
         legacy=False,
+        norm_num_groups=cfg.get("norm_num_groups", 32),
     )
     if kind == "unet":
         p["out_channels"] = cfg.get("out_channels", 4)

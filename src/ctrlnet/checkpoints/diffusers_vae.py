@@ -174,7 +174,7 @@ def diffusers_vae_config(cfg) -> dict:
         layers_per_block=cfg.num_res_blocks,
         act_fn="silu",
         latent_channels=cfg.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.resolution,
         scaling_factor=cfg.scale_factor,
     )

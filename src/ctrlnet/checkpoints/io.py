@@ -1,26 +1,43 @@
 """Reading weight files without ever executing a pickle.
 
 ``.safetensors`` are memory-mapped; ``.ckpt``/``.pth``/``.bin`` go through
-``torch.load(weights_only=True)``. Every failure becomes a :class:`CheckpointError` naming the file.
+``torch.load(weights_only=True)`` with inert stand-ins for a short allow-list of the non-tensor
+globals that the original trainers' files carry (:data:`PICKLE_STAND_INS`). Every failure becomes
+a :class:`CheckpointError` naming the file; messages are plain text (no terminal escape codes).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+# safetensors refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER_BYTES = 100_000_000
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file and the reason."""
 
+    def __init__(self, message: str):
+        super().__init__(plain(message))
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal escape codes (torch's messages carry bold markers)."""
+    return _ANSI.sub("", str(text))
+
 
 @dataclass
 class Checkpoint:
-    """A state dict plus the safetensors metadata (empty for pickles)."""
+    """A state dict plus the safetensors metadata (empty for pickles) and the other top-level
+    entries of a pickle that are not tensors but say something (``difference``, ``v_pred``)."""
 
     path: Path
     state_dict: dict[str, torch.Tensor]
@@ -38,28 +55,114 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: metadata 'ctrlnet_config' is not valid JSON ({e})") from None
 
 
-def _is_safetensors(path: Path) -> bool:
-    # The format is an 8-byte little-endian header length followed by a JSON header.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return head[8:9] == b"{" and 2 <= n <= 100_000_000
+# --- pickle stand-ins ----------------------------------------------------------------------------
+# The original trainers' ``.ckpt`` files (CompVis, lllyasviel) pickle a PyTorch Lightning
+# ``ModelCheckpoint`` callback (as a dict key or object) and numpy scalars (``global_step``,
+# ``epoch``). A1111's restricted unpickler allow-lists exactly these; we map them to inert classes
+# that only store what the pickle hands them, so no code from the file ever runs.
 
 
-def _read_safetensors(path: Path) -> Checkpoint:
+class InertObject:
+    """Stands in for an allow-listed class: keeps its constructor args and state, does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _NumpyDType:
+    """Stand-in for ``numpy.dtype(code, align, copy)``; only numeric codes are honoured."""
+
+    def __init__(self, code="f8", align=False, copy=True):
+        self.code, self.byteorder = str(code), "="
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype, data=None):
+    """Stand-in for ``numpy.core.multiarray.scalar``: the number as a Python int/float/bool."""
+    import numpy as np
+
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, (bytes, bytearray)):
+        return None
+    try:
+        dt = np.dtype(dtype.byteorder.replace("|", "=") + dtype.code)
+    except TypeError:
+        return None
+    if dt.kind not in "biuf" or dt.itemsize != len(data):
+        return None  # object or structured dtypes are never built
+    return np.frombuffer(bytes(data), dtype=dt)[0].item()
+
+
+_LIGHTNING_CALLBACKS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.model_checkpoint",  # the module itself, as some files reference it
+)
+#: ``(stand-in, "module.Name")`` pairs for ``torch.serialization.safe_globals``: the whole allow-list.
+PICKLE_STAND_INS: tuple[tuple[object, str], ...] = (
+    *((InertObject, name) for name in _LIGHTNING_CALLBACKS),
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    (_NumpyDType, "numpy.dtype"),
+)
+
+
+# --- sniffing --------------------------------------------------------------------------------------
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> str | None:
+    """What a file is, from its first bytes, when it is clearly not a weight file."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"version https://git-lfs.github.com/spec"):
+        return ("not a checkpoint: a git-lfs pointer (a small text file that stands for the real file); "
+                "download the file again with git lfs pull or from the model page")
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<?xml")):
+        return "not a checkpoint: an HTML page (a login or error page saved instead of the file); download the file again"
+    if text.startswith((b"{", b"[")):
+        return "not a checkpoint: a JSON text file"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "not a checkpoint: a tar archive; unpack it first"
+    if head.startswith(b"\x1f\x8b"):
+        return "not a checkpoint: a gzip-compressed file; unpack it first"
+    return None
+
+
+def _safetensors_header_length(path: Path, head: bytes) -> int | None:
+    # The format is an 8-byte little-endian header length followed by a JSON header ('{').
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    return int.from_bytes(head[:8], "little")
+
+
+def _read_safetensors(path: Path, n: int) -> Checkpoint:
     from safetensors import safe_open
 
     size = path.stat().st_size
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header length {n} bytes is beyond the {MAX_HEADER_BYTES}-byte "
+                              "limit; the file is corrupt or not a safetensors file")
+    if 8 + n > size:
+        raise CheckpointError(f"{path}: file is truncated inside its safetensors header ({size} bytes, the header "
+                              f"alone needs {8 + n}); download it again")
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: safetensors header is corrupt ({e})") from None
+        f.seek(8)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is corrupt ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is corrupt (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
-    end = max((v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and "data_offsets" in v), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values() if isinstance(v, dict)), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path}: safetensors header is corrupt (an entry has no data_offsets)") from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: file is truncated ({size} bytes, the header describes {8 + n + end}); download it again"
@@ -71,49 +174,109 @@ def _read_safetensors(path: Path) -> Checkpoint:
                 sd[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-    return Checkpoint(path, sd, dict(meta))
+    return Checkpoint(path, sd, {str(k): str(v) for k, v in dict(meta).items()})
 
 
-def _read_pickle(path: Path) -> Checkpoint:
-    try:
+def _torch_load(path: Path):
+    with torch.serialization.safe_globals(list(PICKLE_STAND_INS)):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def _read_pickle(path: Path, head: bytes) -> Checkpoint:
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            names = None  # a cut zip: torch.load reports it below
+        if names is not None and not any(n.endswith("data.pkl") for n in names):
+            shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            raise CheckpointError(f"{path}: not a checkpoint: a zip archive with no PyTorch data in it "
+                                  f"(holds {len(names)} files: {shown}); unpack it first")
+    try:
+        obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        msg = str(e).split("\n")[0]
+        msg = plain(str(e))
+        # torch's restricted unpickler names what it refused; anything else is a broken pickle
+        m = (re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function (<[^>]*>|[\w.]+)", msg)
+             or re.search(r"but got (<class '[^']*'>)", msg))
+        if m is None:
+            detail = msg.split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:200]
+            raise CheckpointError(f"{path}: not a readable checkpoint, or truncated ({detail})") from None
+        what = f"the global {m.group(1)}"
         raise CheckpointError(
-            f"{path}: refused to load: the pickle holds objects other than tensors, and loading it would "
-            f"run code ({msg}). Convert it to safetensors in a trusted environment."
+            f"{path}: refused to load: the pickle refers to {what}, which is not a tensor and not on the "
+            f"short allow-list of harmless globals (Lightning callbacks, numpy scalars); loading it could run "
+            f"code from the file. Only use this file if you trust it, and re-save its tensors as safetensors "
+            f"in an environment you are willing to expose."
         ) from None
     except Exception as e:  # torch.load raises many types (zip, EOF, safetensors, ...) on junk
-        raise CheckpointError(f"{path}: not a readable checkpoint, or truncated ({e.__class__.__name__}: {e})") from None
-    return Checkpoint(path, _unwrap(obj, path))
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, or truncated ({e.__class__.__name__}: {plain(e)[:300]})"
+        ) from None
+    return _unwrap(obj, path)
 
 
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+def _flag(value) -> str | None:
+    # scalars and empty tensors both count as markers (ComfyUI's ``v_pred`` is an empty tensor)
+    if isinstance(value, torch.Tensor):
+        return "1" if value.numel() == 0 else str(value.flatten()[0].item())
+    if isinstance(value, (bool, int, float, str)):
+        return str(value)
+    return None
+
+
+def _unwrap(obj, path: Path) -> Checkpoint:
     # Lightning checkpoints keep weights under "state_dict"; some trainers under "model"/"module".
+    top = obj if isinstance(obj, dict) else {}
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]:
             obj = obj[key]
             break
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not sd:
         raise CheckpointError(f"{path}: contains no tensors")
-    return sd
+    # top-level markers beside the weights (sd-webui-controlnet's "difference", ComfyUI's "v_pred")
+    meta = {}
+    for src in (top, obj):
+        for k in ("difference", "v_pred"):
+            if k in src and (f := _flag(src[k])) is not None:
+                meta[k] = f
+    return Checkpoint(path, sd, meta)
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read a ``.safetensors``/``.ckpt``/``.pth``/``.bin`` file (format sniffed from content)."""
+    """Read a ``.safetensors``/``.ckpt``/``.pth``/``.bin`` file (format sniffed from content).
+
+    Raises :class:`CheckpointError` for a missing, empty, truncated, corrupt or non-checkpoint file
+    (HTML page, git-lfs pointer, archive) and for a pickle that refers to anything beyond tensors
+    and :data:`PICKLE_STAND_INS`.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
-    if path.stat().st_size < 16:
-        raise CheckpointError(f"{path}: file is empty or truncated ({path.stat().st_size} bytes)")
-    if _is_safetensors(path):
-        return _read_safetensors(path)
-    return _read_pickle(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    try:
+        if not path.is_file():
+            if path.is_symlink():
+                raise CheckpointError(f"{path}: a broken symbolic link (or a loop of links); no file behind it")
+            raise CheckpointError(f"no checkpoint file at {path}")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:  # symlink loops, permissions
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+    n = _safetensors_header_length(path, head)
+    if n is not None:
+        return _read_safetensors(path, n)
+    if (what := _not_a_checkpoint(path, head)) is not None:
+        raise CheckpointError(f"{path}: {what}")
+    if size < 16:
+        raise CheckpointError(f"{path}: file is empty or truncated ({size} bytes)")
+    return _read_pickle(path, head)

@@ -7,7 +7,7 @@ A missing or unexpected key is an error that names the keys; only documented har
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,18 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     problems = key_problems(own, sd, harmless=harmless)
     if problems:
         raise CheckpointError(f"{path}: the {what} weights do not fit the {what} architecture: " + "; ".join(problems))
-    tensors = {k: (v.to(dtype or own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items() if k in own}
+    wrong = [f"{k} ({v.dtype})" for k, v in sd.items() if k in own and own[k].is_floating_point()
+             and not v.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} {what} weights are not floating-point numbers: "
+                              f"{', '.join(wrong[:5])}; the file is damaged or not a model of this kind")
+    tensors = {k: _aligned(v.to(dtype or own[k].dtype) if v.is_floating_point() else v)
+               for k, v in sd.items() if k in own}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        # NaN/inf weights can only give NaN images (black in most UIs); refuse before any work
+        raise CheckpointError(f"{path}: {len(bad)} {what} tensors hold NaN or infinite values ({', '.join(bad[:5])}); "
+                              "the file is damaged (or was saved after training diverged)")
     module.load_state_dict(tensors, strict=False, assign=True)
     # non-persistent buffers built on meta need real storage
     for name, buf in list(module.named_buffers()):
@@ -53,9 +64,19 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     return module
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # Tensors memory-mapped from a safetensors file can start at any byte; CPU kernels then take
+    # other SIMD paths and round differently from the same weights in fresh memory. Copy those.
+    return t.clone() if t.data_ptr() % 64 else t
+
+
 def _meta(factory):
-    with torch.device("meta"):
-        return factory()
+    # a config that cannot be built (group counts that do not divide, ...) is the file's problem
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"the model described by the file cannot be built: {e}") from None
 
 
 def _unet_config(params: dict) -> UNetConfig:
@@ -63,23 +84,79 @@ def _unet_config(params: dict) -> UNetConfig:
     return UNetConfig(**{k: v for k, v in params.items() if k in fields})
 
 
+_V_WORDS = {"v": "v", "v_prediction": "v", "v-prediction": "v", "eps": "eps", "epsilon": "eps"}
+
+
+def _yaml_parameterization(path: Path) -> tuple[str, str] | None:
+    # A1111's convention: ``model.yaml`` beside ``model.safetensors`` with ``parameterization: "v"``.
+    # Read as text (one key, no yaml objects constructed, nothing executed).
+    import re
+
+    for cand in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if cand.is_file():
+            try:
+                text = cand.read_text(errors="replace")[:1_000_000]
+            except OSError:
+                continue
+            for line in text.splitlines():
+                m = re.match(r"""\s*parameterization\s*:\s*["']?([\w-]+)["']?\s*(#.*)?$""", line)
+                if m and m.group(1) in _V_WORDS:
+                    return _V_WORDS[m.group(1)], f"{cand.name} beside the file (parameterization: {m.group(1)})"
+    return None
+
+
+def prediction_type(ckpt: Checkpoint, stored: ModelConfig | None = None,
+                    parameterization: str | None = None) -> tuple[str, str]:
+    """``("eps" | "v", where it came from)`` for a base checkpoint.
+
+    In this order: the caller's choice; our stored ``ctrlnet_config``; the safetensors metadata
+    ``modelspec.prediction_type`` then ``modelspec.architecture`` (kohya's trainers, the SAI model
+    spec: ``stable-diffusion-v2-768-v``); a ``v_pred`` key (ComfyUI's marker); a yaml beside the
+    file with ``parameterization: "v"`` (A1111); else eps, the default of every SD1.x file.
+    """
+    if parameterization:
+        return parameterization, "given by the caller"
+    if stored is not None:
+        return stored.schedule.parameterization, "ctrlnet_config metadata"
+    meta = ckpt.metadata
+    pt = str(meta.get("modelspec.prediction_type", "")).strip().lower()
+    if pt in _V_WORDS:
+        return _V_WORDS[pt], f"safetensors metadata modelspec.prediction_type={pt}"
+    arch = str(meta.get("modelspec.architecture", "")).strip().lower()
+    if arch:
+        family = arch.split("/")[0]
+        if family.endswith("-v"):
+            return "v", f"safetensors metadata modelspec.architecture={arch}"
+        if family.startswith(("stable-diffusion-v1", "stable-diffusion-v2-512")):
+            return "eps", f"safetensors metadata modelspec.architecture={arch}"
+    if "v_pred" in ckpt.state_dict or "v_pred" in meta:
+        return "v", "v_pred key in the file"
+    found = _yaml_parameterization(Path(ckpt.path))
+    if found is not None:
+        return found
+    return "eps", "default (eps; no marker in or beside the file)"
+
+
 def infer_model_config(ckpt: Checkpoint, layout: detect.Layout, parameterization: str | None = None) -> ModelConfig:
-    """The stored config if the file has one, else one inferred from the tensor shapes."""
+    """The stored config if the file has one, else one inferred from the tensor shapes; the
+    prediction type from :func:`prediction_type` (its source in ``schedule.parameterization_source``)."""
     stored = ckpt.config
     if stored is not None:
-        cfg = config_from_json(stored)
+        try:
+            cfg = config_from_json(stored)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
     else:
         sd = ckpt.state_dict
         try:
             unet = _unet_config(detect.infer_unet_params(detect.strip_prefix(sd, layout.unet)))
             vae = detect.infer_vae_config(detect.strip_prefix(sd, layout.vae))
             text = _text_sd_and_config(sd, layout, ckpt.path)[1]
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, IndexError) as e:
             raise CheckpointError(f"{ckpt.path}: cannot infer the model architecture from its weights ({e})") from None
         cfg = ModelConfig(name=f"checkpoint:{Path(ckpt.path).name}", unet=unet, vae=vae, text=text)
-    if parameterization:
-        cfg = cfg.with_(schedule=ScheduleConfig(parameterization=parameterization))
-    return cfg
+    pred, source = prediction_type(ckpt, cfg if stored is not None else None, parameterization)
+    return cfg.with_(schedule=replace(cfg.schedule, parameterization=pred, parameterization_source=source))
 
 
 def _text_sd_and_config(sd, layout: detect.Layout, path) -> tuple[dict, TextEncoderConfig]:
@@ -90,7 +167,10 @@ def _text_sd_and_config(sd, layout: detect.Layout, path) -> tuple[dict, TextEnco
     if kind == "clip-old":
         tsd = {"text_model." + k: v for k, v in tsd.items()}
         kind = "clip"
-    return tsd, detect.infer_text_config(tsd, kind)
+    try:
+        return tsd, detect.infer_text_config(tsd, kind)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: the text encoder weights are incomplete (no {e})") from None
 
 
 def load_base(path, config: ModelConfig | None = None, parameterization: str | None = None,
@@ -129,19 +209,26 @@ def controlnet_state_dict(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], di
     if layout.diffusers_control:
         from ctrlnet.checkpoints import diffusers_unet as du
 
-        params = _diffusers_control_params(sd)
-        return du.from_diffusers(sd, params, "controlnet"), params
+        try:
+            params = _diffusers_control_params(sd)
+            return du.from_diffusers(sd, params, "controlnet"), params
+        except (KeyError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{ckpt.path}: a diffusers-layout ControlNet whose keys do not fit the SD layout "
+                                  f"({e})") from None
     csd = detect.strip_prefix(sd, layout.control) if layout.control else dict(sd)
     stored = ckpt.config
     if stored is not None:
         hint_channels = csd["input_hint_block.0.weight"].shape[1]
-        params = config_from_json(stored).unet.kwargs()
+        try:
+            params = config_from_json(stored).unet.kwargs()
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
         params.pop("out_channels")
         params["hint_channels"] = hint_channels
     else:
         try:
             params = detect.infer_unet_params(csd, kind="controlnet")
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, IndexError) as e:
             raise CheckpointError(f"{ckpt.path}: cannot infer the ControlNet architecture ({e})") from None
     return csd, params
 
@@ -173,7 +260,13 @@ def check_fits(params: Mapping, base: ModelConfig, path) -> None:
          "text context width (768 = SD1.x, 1024 = SD2.x)"),
         ("model_channels", params.get("model_channels"), u.model_channels, "UNet width"),
         ("channel_mult", tuple(params.get("channel_mult", ())), tuple(u.channel_mult), "UNet levels"),
-        ("in_channels", params.get("in_channels"), u.in_channels, "latent channels"),
+        # an inpainting base (in_channels 9 = latents + masked-image latents + mask) pairs with the
+        # ordinary 4-channel ControlNets, which see the noisy latents only
+        ("in_channels", params.get("in_channels"),
+         params.get("in_channels") if params.get("in_channels") in (u.in_channels, u.out_channels) else u.out_channels,
+         "latent channels"),
+        # files in the original layout cannot say their group count; the base's is used for them
+        ("norm_num_groups", params.get("norm_num_groups", u.norm_num_groups), u.norm_num_groups, "GroupNorm groups"),
         ("use_linear_in_transformer", params.get("use_linear_in_transformer"), u.use_linear_in_transformer,
          "transformer projection type (linear = SD2.x)"),
     ]
@@ -189,8 +282,41 @@ def check_fits(params: Mapping, base: ModelConfig, path) -> None:
             )
 
 
-def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32) -> ControlNet:
-    """Load a ControlNet from a control-only file, a control_sd15_* file or a diffusers folder/file."""
+DIFFERENCE_KEY = "difference"
+
+
+def is_difference(ckpt: Checkpoint) -> bool:
+    """sd-webui-controlnet's "difference" ControlNets: ``control_model.*`` holds ControlNet minus
+    base UNet for the tensors they share, flagged by a top-level ``difference`` key."""
+    return DIFFERENCE_KEY in ckpt.state_dict or DIFFERENCE_KEY in ckpt.metadata
+
+
+def add_base_back(csd: Mapping[str, torch.Tensor], unet_sd: Mapping[str, torch.Tensor],
+                  path) -> dict[str, torch.Tensor]:
+    """Undo a difference file: every ControlNet tensor whose name the UNet has gets the UNet's
+    tensor added (in fp32, then back to the file's dtype), as sd-webui-controlnet does."""
+    out = {}
+    for k, v in csd.items():
+        base = unet_sd.get(k)
+        if base is None:
+            out[k] = v
+            continue
+        if tuple(base.shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: difference ControlNet tensor {k} has shape {tuple(v.shape)}, the base "
+                                  f"UNet's has {tuple(base.shape)}; it was made from another base model")
+        out[k] = (v.float() + base.detach().to("cpu", torch.float32)).to(v.dtype)
+    return out
+
+
+def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
+                    base_unet: UNetModel | None = None) -> ControlNet:
+    """Load a ControlNet from a control-only file, a control_sd15_* file, a diffusers folder/file,
+    or a diffusers pipeline folder holding one ``controlnet/``.
+
+    ``base``: the base config the net must fit (checked, and head counts taken from it).
+    ``base_unet``: the base UNet, needed by "difference" files (their weights are stored minus the
+    base UNet's); a difference file without it raises :class:`CheckpointError`.
+    """
     path = Path(path)
     if path.is_dir():
         from ctrlnet.checkpoints.diffusers_folder import load_diffusers_controlnet
@@ -201,6 +327,23 @@ def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = 
     if base is not None:
         check_fits(params, base, path)
         # head counts cannot be read from weights: take them from the base it runs with
-        params.update(num_heads=base.unet.num_heads, num_head_channels=base.unet.num_head_channels)
-    net = load_into(_meta(lambda: ControlNet(**params)), csd, "ControlNet", path, dtype=dtype)
+        params.update(num_heads=base.unet.num_heads, num_head_channels=base.unet.num_head_channels,
+                      norm_num_groups=base.unet.norm_num_groups)
+    elif not ckpt.config and not detect.detect_layout(ckpt.state_dict).diffusers_control:
+        try:
+            detect.check_head_rule(params)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    if is_difference(ckpt):
+        if base_unet is None:
+            raise CheckpointError(
+                f"{path}: a \"difference\" ControlNet (stored minus its base UNet) needs the base model it was "
+                "made from, and none was given; load it together with that base model"
+            )
+        csd = add_base_back({k: v for k, v in csd.items() if k != DIFFERENCE_KEY}, base_unet.state_dict(), path)
+    try:
+        net = _meta(lambda: ControlNet(**params))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot build this ControlNet ({e})") from None
+    net = load_into(net, csd, "ControlNet", path, dtype=dtype)
     return net.eval()

@@ -102,16 +102,22 @@ def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str 
 
 def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
                 dtype="auto", low_vram: bool = False, parameterization: str | None = None,
-                channels_last: bool | None = None) -> Models:
+                channels_last: bool | None = None, vae: str | None = None) -> Models:
     """Load a base model and ControlNets by path (or ``"demo"``, ``"random:<preset>"``).
 
     ``base=None`` is the embedded demo model, with its ControlNet when ``controlnets`` is empty.
+    A diffusers pipeline folder as ``base`` brings its ``controlnet/`` (``controlnet_1``, ...) when
+    no ControlNet is given. ``vae``: a VAE file or folder that replaces the base's VAE.
     ``low_vram`` keeps weights on the CPU and moves one stage at a time to the accelerator.
     ``channels_last`` (default: on for CPU and CUDA) stores the UNet and ControlNets channels-last.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     b = _load_base_spec(base, torch.float32, parameterization)
+    if vae:
+        from ctrlnet.checkpoints.vae_file import load_vae
+
+        b.vae = load_vae(vae, b.config.vae)
     if isinstance(controlnets, dict):
         named = dict(controlnets)
     else:
@@ -123,12 +129,16 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
             named[key] = p
     if base in (None, "demo") and not named and (demo_dir() / DEMO_CONTROL).is_file():
         named = {"demo": str(demo_dir() / DEMO_CONTROL)}
+    if not named and base is not None and not str(base).startswith("random:") and Path(base).is_dir():
+        from ctrlnet.checkpoints.diffusers_folder import pipeline_controlnets
+
+        named = {k: str(v) for k, v in pipeline_controlnets(Path(base)).items()}
     nets: dict[str, ControlNet] = {}
     for name, p in named.items():
         if str(p).startswith("random:"):
             net = random_controlnet(b.unet, name)
         else:
-            net = load_controlnet(p, base=b.config)
+            net = load_controlnet(p, base=b.config, base_unet=b.unet)
             # the v1.1 shuffle model pools its residuals (its yaml's global_average_pooling; ComfyUI
             # and sd-webui-controlnet recognise it by name too)
             net.global_average_pooling = "shuffle" in Path(str(p)).name.lower()

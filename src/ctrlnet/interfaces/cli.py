@@ -113,11 +113,11 @@ def _cmd_generate(args) -> int:
         base = args.base if args.base is not None else rec.base
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
-        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization)
+        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=args.vae)
         req = rec.request
     else:
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
-                            args.low_vram, args.parameterization)
+                            args.low_vram, args.parameterization, vae=args.vae)
         req = _request_from_args(args, loaded.models)
     req.validate()
     bar, progress = _progress_bar(req.steps)

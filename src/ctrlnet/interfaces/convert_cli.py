@@ -22,10 +22,14 @@ def add_convert_parser(sub) -> None:
     p.add_argument("output", help="output file (.safetensors, .ckpt, .pth) or folder")
     p.add_argument("--to", choices=["single", "diffusers"], default=None,
                    help="output layout (default: from the output name)")
-    p.add_argument("--part", choices=["auto", "base", "controlnet"], default="auto",
-                   help="what to take from a file holding both (control_sd15_*.pth): default the ControlNet")
+    p.add_argument("--part", choices=["auto", "base", "controlnet", "all"], default="auto",
+                   help="what to take from a file holding both (control_sd15_*.pth): default the ControlNet; "
+                        "'all' writes a diffusers ControlNet pipeline of both")
     p.add_argument("--dtype", choices=["keep", "fp16", "bf16", "fp32"], default="keep",
-                   help="cast the weights (fp16 halves the size)")
+                   help="cast the weights (fp16 halves the size); keep (default) = the source's dtype")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="add a ControlNet to a base converted to a diffusers folder (repeatable): the folder "
+                        "becomes a StableDiffusionControlNetPipeline")
     p.add_argument("--base", default=None,
                    help="the base model a ControlNet belongs to (checked for fit; gives head counts of custom models)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -43,6 +47,7 @@ def _cmd_convert(args) -> int:
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
     dtype = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    res = convert(args.input, out, to=args.to, part=args.part, dtype=dtype, base_config_from=args.base)
-    print(f"wrote {res.part} ({res.tensors} tensors, {res.layout} layout) to {res.path}")
+    res = convert(args.input, out, to=args.to, part=args.part, dtype=dtype, base_config_from=args.base,
+                  controlnets=args.controlnet)
+    print(f"wrote {res.part} ({res.tensors} tensors, {res.dtype}, {res.layout} layout) to {res.path}")
     return 0

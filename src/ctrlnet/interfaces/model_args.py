@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--low-vram", action="store_true", help="keep only the stage in use on the GPU")
     g.add_argument("--parameterization", choices=["eps", "v"], default=None,
                    help="override the prediction type (SD2 768-v checkpoints: v)")
+    g.add_argument("--vae", default=None, metavar="FILE",
+                   help="a VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) or diffusers VAE folder that "
+                        "replaces the base model's VAE")
 
 
 def name_controlnets(specs) -> dict[str, str]:
@@ -48,6 +51,7 @@ class LoadedModels:
     models: object  # ctrlnet.pipeline.Models
     base: str | None
     controlnets: dict[str, str]
+    vae: str | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -55,19 +59,19 @@ class LoadedModels:
 
 
 def load_named(base: str | None, controlnets: dict[str, str], device="auto", dtype="auto", low_vram=False,
-               parameterization=None) -> LoadedModels:
+               parameterization=None, vae: str | None = None) -> LoadedModels:
     """Load models by spec and remember the specs (paths absolute)."""
     from ctrlnet.interfaces.outputs import model_spec
     from ctrlnet.pipeline import DEMO_CONTROL, demo_dir, load_models
 
     models = load_models(base, dict(controlnets), device=device, dtype=dtype, low_vram=low_vram,
-                         parameterization=parameterization)
+                         parameterization=parameterization, vae=vae)
     specs = {k: model_spec(v) for k, v in controlnets.items()}
     if not specs and "demo" in models.controlnets and base in (None, "demo"):
         specs = {"demo": str(demo_dir() / DEMO_CONTROL)}
-    return LoadedModels(models, model_spec(base), specs)
+    return LoadedModels(models, model_spec(base), specs, model_spec(vae) if vae else None)
 
 
 def load_from_args(args) -> LoadedModels:
     return load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype, args.low_vram,
-                      args.parameterization)
+                      args.parameterization, vae=getattr(args, "vae", None))

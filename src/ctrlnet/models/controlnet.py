@@ -26,12 +26,12 @@ class ControlNet(Encoder):
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_heads: int = -1, num_head_channels: int = -1,
                  use_spatial_transformer: bool = True, use_linear_in_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: int | None = 768, legacy: bool = True,
-                 use_checkpoint: bool = False, dropout: float = 0.0, **extra):
+                 use_checkpoint: bool = False, dropout: float = 0.0, norm_num_groups: int = 32, **extra):
         check_extra_params("ControlNet", extra)
         params = {k: v for k, v in locals().items() if k not in ("self", "extra", "__class__")}
         super().__init__(in_channels, model_channels, attention_resolutions, num_res_blocks, channel_mult,
                          num_heads, num_head_channels, use_spatial_transformer, use_linear_in_transformer,
-                         transformer_depth, context_dim, legacy, use_checkpoint, dropout)
+                         transformer_depth, context_dim, legacy, use_checkpoint, dropout, norm_num_groups)
         self._params = params
         self.in_channels = in_channels
         self.hint_channels = hint_channels

@@ -43,12 +43,12 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    return GroupNorm32(32, channels)  # eps 1e-5 in the UNet's ResBlocks and output
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    return GroupNorm32(groups, channels)  # eps 1e-5 in the UNet's ResBlocks and output
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)  # eps 1e-6 in SpatialTransformer
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 in SpatialTransformer
 
 
 def maybe_checkpoint(fn, enabled: bool, *args):
@@ -64,16 +64,16 @@ class TimestepBlock(nn.Module):
 
 class ResBlock(TimestepBlock):
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, norm_groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, norm_groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            normalization(out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = (
@@ -191,10 +191,10 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
                  context_dim: int | None = None, use_linear: bool = False, use_checkpoint: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         inner = n_heads * d_head
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.use_linear = use_linear
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner)

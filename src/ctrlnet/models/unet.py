@@ -65,8 +65,10 @@ class Encoder(nn.Module):
                  num_head_channels: int = -1, use_spatial_transformer: bool = True,
                  use_linear_in_transformer: bool = False, transformer_depth: int = 1,
                  context_dim: int | None = None, legacy: bool = True, use_checkpoint: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, norm_num_groups: int = 32):
         super().__init__()
+        # GroupNorm group count of every norm (32 in all SD checkpoints; diffusers configs may differ)
+        self.norm_num_groups = norm_num_groups
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("only the SD layout (use_spatial_transformer=True with context_dim) is supported")
         if isinstance(context_dim, (list, tuple)):
@@ -95,7 +97,7 @@ class Encoder(nn.Module):
         for level, mult in enumerate(channel_mult):
             for _ in range(nrb[level]):
                 layers: list[nn.Module] = [
-                    ResBlock(ch, emb_dim, dropout, mult * model_channels, use_checkpoint)
+                    ResBlock(ch, emb_dim, dropout, mult * model_channels, use_checkpoint, norm_num_groups)
                 ]
                 ch = mult * model_channels
                 if ds in self.attention_resolutions:
@@ -107,9 +109,9 @@ class Encoder(nn.Module):
                 self.input_block_chans.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, dropout, use_checkpoint=use_checkpoint),
+            ResBlock(ch, emb_dim, dropout, use_checkpoint=use_checkpoint, norm_groups=norm_num_groups),
             self.make_attention(ch),
-            ResBlock(ch, emb_dim, dropout, use_checkpoint=use_checkpoint),
+            ResBlock(ch, emb_dim, dropout, use_checkpoint=use_checkpoint, norm_groups=norm_num_groups),
         )
         self.out_ch = ch
         self.out_ds = ds
@@ -118,7 +120,8 @@ class Encoder(nn.Module):
         a = self._attn
         heads, dim_head = attention_heads(ch, a["num_heads"], a["num_head_channels"], a["legacy"])
         return SpatialTransformer(ch, heads, dim_head, depth=a["depth"], context_dim=a["context_dim"],
-                                  use_linear=a["use_linear"], use_checkpoint=a["use_checkpoint"])
+                                  use_linear=a["use_linear"], use_checkpoint=a["use_checkpoint"],
+                                  norm_groups=self.norm_num_groups)
 
     def config_params(self) -> dict:
         """The constructor arguments, to build a twin (e.g. ``ControlNet.from_unet``)."""
@@ -137,12 +140,12 @@ class UNetModel(Encoder):
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_heads: int = -1, num_head_channels: int = -1,
                  use_spatial_transformer: bool = True, use_linear_in_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: int | None = 768, legacy: bool = True,
-                 use_checkpoint: bool = False, dropout: float = 0.0, **extra):
+                 use_checkpoint: bool = False, dropout: float = 0.0, norm_num_groups: int = 32, **extra):
         check_extra_params("UNetModel", extra)
         params = {k: v for k, v in locals().items() if k not in ("self", "extra", "__class__")}
         super().__init__(in_channels, model_channels, attention_resolutions, num_res_blocks, channel_mult,
                          num_heads, num_head_channels, use_spatial_transformer, use_linear_in_transformer,
-                         transformer_depth, context_dim, legacy, use_checkpoint, dropout)
+                         transformer_depth, context_dim, legacy, use_checkpoint, dropout, norm_num_groups)
         self._params = params
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -154,7 +157,7 @@ class UNetModel(Encoder):
             for i in range(self.num_res_blocks[level] + 1):
                 ich = chans.pop()
                 layers: list[nn.Module] = [
-                    ResBlock(ch + ich, emb_dim, dropout, model_channels * mult, use_checkpoint)
+                    ResBlock(ch + ich, emb_dim, dropout, model_channels * mult, use_checkpoint, norm_num_groups)
                 ]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
@@ -164,7 +167,7 @@ class UNetModel(Encoder):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(ch, norm_num_groups), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
 
     @property

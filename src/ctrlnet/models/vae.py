@@ -30,11 +30,11 @@ from ctrlnet.runtime.tiling import tiled_apply
 # original ``AutoencoderKL`` at inference either).
 HARMLESS_PREFIXES: tuple[str, ...] = ("loss.", "model_ema.")
 
-NORM_GROUPS = 32
+NORM_GROUPS = 32  # every SD release; diffusers configs may set another ``norm_num_groups``
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
@@ -46,12 +46,12 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> dropout -> conv2, plus a (1x1) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = NORM_GROUPS):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -68,9 +68,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections and a residual."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = NORM_GROUPS):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -133,11 +133,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = NORM_GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -147,7 +147,7 @@ class Encoder(nn.Module):
     """Image ``(B, in_channels, H, W)`` -> moments ``(B, 2*z_channels, H/f, W/f)``."""
 
     def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels,
-                 resolution, z_channels, double_z=True):
+                 resolution, z_channels, double_z=True, norm_num_groups=NORM_GROUPS):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         mults = (1, *ch_mult)
@@ -158,17 +158,17 @@ class Encoder(nn.Module):
             block_in, block_out = ch * mults[i], ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = _Level(blocks, attns)
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = _norm(block_in)
+        self.mid = _Mid(block_in, dropout, norm_num_groups)
+        self.norm_out = _norm(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,22 +187,22 @@ class Decoder(nn.Module):
     """Latent ``(B, z_channels, h, w)`` -> image ``(B, out_ch, h*f, w*f)``."""
 
     def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-                 resolution, z_channels):
+                 resolution, z_channels, norm_num_groups=NORM_GROUPS):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (n - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm_num_groups)
         levels: list[_Level] = []
         for i in reversed(range(n)):
             block_out = ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = _Level(blocks, attns)
             if i != 0:
                 level.upsample = Upsample(block_in)
@@ -210,7 +210,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         # up.{i} is indexed by resolution level (0 = full size) although it runs last to first.
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -256,19 +256,20 @@ class AutoencoderKL(nn.Module):
                  resolution: int = 256, in_channels: int = 3, out_ch: int = 3, ch: int = 128,
                  ch_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (), dropout: float = 0.0,
-                 scale_factor: float = 0.18215):
+                 scale_factor: float = 0.18215, norm_num_groups: int = NORM_GROUPS):
         super().__init__()
         if not double_z:
             raise ValueError("AutoencoderKL needs double_z=True (the encoder predicts mean and logvar)")
-        bad = sorted({ch * m for m in ch_mult if (ch * m) % NORM_GROUPS})
+        g = norm_num_groups
+        bad = sorted({ch * m for m in ch_mult if (ch * m) % g})
         if bad:
             raise ValueError(
-                f"VAE channel counts must be divisible by {NORM_GROUPS} for GroupNorm({NORM_GROUPS}): "
+                f"VAE channel counts must be divisible by {g} (norm_num_groups) for GroupNorm({g}): "
                 f"ch={ch}, ch_mult={tuple(ch_mult)} gives {bad}"
             )
         common = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                       attn_resolutions=tuple(attn_resolutions), dropout=dropout,
-                      resolution=resolution, z_channels=z_channels)
+                      resolution=resolution, z_channels=z_channels, norm_num_groups=norm_num_groups)
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
