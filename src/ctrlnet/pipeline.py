@@ -25,7 +25,8 @@ from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
 from ctrlnet.runtime.device import offload, resolve_device, resolve_dtype, use_channels_last
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser
-from ctrlnet.sampling.samplers import get_sampler
+from ctrlnet.sampling.names import resolve_sampler
+from ctrlnet.sampling.samplers import check_options, run_sampler
 from ctrlnet.sampling.schedule import DiscreteSchedule, get_sigmas, vp_scale
 
 # The prompts the original gradio apps add for the official SD1.5 ControlNets.
@@ -74,9 +75,9 @@ class GenerationRequest:
     steps: int = 20
     guidance_scale: float = 9.0
     seed: int = -1
-    eta: float = 0.0
-    sampler: str = "ddim"
-    schedule: str = "ddim"
+    eta: float | None = None  # None: the sampler's own (0 for DDIM, 1 for the ancestral/SDE ones)
+    sampler: str = "ddim"  # a key or an A1111 name ("Euler a", "DPM++ 2M Karras")
+    schedule: str | None = None  # None: the one in the sampler name, else the sampler's default
     guess_mode: bool = False
     only_mid_control: bool = False
     clip_skip: int = 1
@@ -90,7 +91,7 @@ class GenerationRequest:
             ("resolution", 64 <= self.resolution <= max_resolution, f"between 64 and {max_resolution}"),
             ("steps", 1 <= self.steps <= max_steps, f"between 1 and {max_steps}"),
             ("guidance_scale", 0.0 <= self.guidance_scale <= 50.0, "between 0 and 50"),
-            ("eta", 0.0 <= self.eta <= 1.0, "between 0 and 1"),
+            ("eta", self.eta is None or 0.0 <= self.eta <= 1.0, "between 0 and 1"),
             ("seed", -1 <= self.seed <= MAX_SEED, f"-1 (random) or between 0 and {MAX_SEED}"),
             ("clip_skip", self.clip_skip in (1, 2), "1 or 2"),
             ("prompt_chunks", 1 <= self.prompt_chunks <= 3, "between 1 and 3"),
@@ -98,7 +99,8 @@ class GenerationRequest:
         for name, ok, rng in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range: must be {rng}")
-        get_sampler(self.sampler)
+        key, _ = resolve_sampler(self.sampler, self.schedule)
+        check_options(key, {} if self.eta is None else {"eta": self.eta})
         for i, c in enumerate(self.controls):
             if not 0.0 <= c.strength <= 2.0:
                 raise ValueError(f"controls[{i}].strength={c.strength} is out of range: must be between 0 and 2")
@@ -374,7 +376,8 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
         cond, uncond = _encode_prompts(models, [prompt] * n, [req.negative_prompt] * n, req.clip_skip,
                                        req.prompt_chunks)
     schedule = models.schedule
-    sigmas = get_sigmas(schedule, req.steps, req.schedule)
+    sampler, schedule_kind = resolve_sampler(req.sampler, req.schedule)
+    sigmas = get_sigmas(schedule, req.steps, schedule_kind)
     gen = torch.Generator(device=req.noise_device).manual_seed(seed)
     shape = (n, models.base.unet.in_channels, h // down, w // down)
     noise = torch.randn(shape, generator=gen, device=req.noise_device)
@@ -387,9 +390,9 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
         if progress is not None:
             progress(info["i"] + 1, total)
 
-    sampler = get_sampler(req.sampler)
+    options = {} if req.eta is None else {"eta": req.eta}
     with offload([models.base.unet, *[c.net for c in controls]], dev, models.low_vram):
-        x = sampler(den, x, sigmas, callback=callback, eta=req.eta, generator=gen)
+        x = run_sampler(sampler, den, x, sigmas, generator=gen, callback=callback, **options)
     latents = x * vp_scale(float(sigmas[-1]))  # back to the model's scale at the last sigma
     images = decode_images(models, latents)
     return GenerationResult(images, maps, seed, req)
