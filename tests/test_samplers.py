@@ -192,7 +192,8 @@ def test_unipc_default_schedule_equals_diffusers_on_its_sigmas():
     assert_close(ours("unipc", model, sig, noise / vp_scale(float(sig[0])), ctx), theirs(ref, model, noise, ctx))
 
 
-@pytest.mark.parametrize("name,cls", [("LMS Karras", "LMSDiscreteScheduler"), ("Euler Karras", "EulerDiscreteScheduler"),
+@pytest.mark.parametrize("name,cls", [("LMS Karras", "LMSDiscreteScheduler"),
+                                      ("Euler Karras", "EulerDiscreteScheduler"),
                                       ("Heun Karras", "HeunDiscreteScheduler")])
 def test_k_style_deterministic_samplers_equal_diffusers(name, cls):
     noise, ctx = start()
@@ -217,7 +218,8 @@ def test_euler_a_equals_diffusers_with_the_same_noise():
     assert_close(got, theirs(ref, model, x, ctx, torch.Generator().manual_seed(7)))
 
 
-@pytest.mark.parametrize("name,solver_type", [("DPM++ 2M SDE Karras", "midpoint"), ("DPM++ 2M SDE Heun Karras", "heun")])
+@pytest.mark.parametrize("name,solver_type", [("DPM++ 2M SDE Karras", "midpoint"),
+                                              ("DPM++ 2M SDE Heun Karras", "heun")])
 def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise(name, solver_type):
     noise, ctx = start()
     ref = diffusers.DPMSolverMultistepScheduler(**SD_BETAS, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++",
@@ -384,7 +386,8 @@ A1111_NAMES = {
     "LMS Karras": ("lms", "karras"), "Heun": ("heun", "uniform"), "DDIM": ("ddim", "ddim"),
     "DPM++ 2M": ("dpmpp_2m", "karras"), "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
     "DPM++ 2M SDE": ("dpmpp_2m_sde", "exponential"), "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
-    "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"), "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", "exponential"),
+    "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"),
+    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde_heun", "exponential"),
     "DPM++ 2M SDE Heun Karras": ("dpmpp_2m_sde_heun", "karras"), "DPM++ SDE": ("dpmpp_sde", "karras"),
     "DPM++ SDE Karras": ("dpmpp_sde", "karras"), "UniPC": ("unipc", "sgm_uniform"), "LCM": ("lcm", "lcm"),
     "euler a karras": ("euler_a", "karras"), "DPM++ 2M SGM Uniform": ("dpmpp_2m", "sgm_uniform"),

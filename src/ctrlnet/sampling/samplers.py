@@ -325,7 +325,8 @@ def sample_unipc(denoiser, x, sigmas, extra_args=None, callback: Callback | None
             b_h, h_phi_1, R, b = _unipc_terms(h, rks, variant)
             rhos = [0.5] if prev_order == 1 else np.linalg.solve(R, b).tolist()
             res = sum(float(rho) * d for rho, d in zip(rhos[:-1], d1s))
-            x = (sig[i] / sig[i - 1]) * x_prev - h_phi_1 * outputs[-1] - b_h * (res + rhos[-1] * (denoised - outputs[-1]))
+            m0 = outputs[-1]
+            x = (sig[i] / sig[i - 1]) * x_prev - h_phi_1 * m0 - b_h * (res + rhos[-1] * (denoised - m0))
         outputs = (outputs + [denoised])[-order:]
         this_order = min(order, n - i, len(outputs))
         x_prev = x
@@ -437,7 +438,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
                                       "noise": _noise_option("gaussian")},
                         schedule="ddim", description="DDIM, as the original ControlNet apps (eta 0: deterministic)"),
     "euler": SamplerSpec(sample_euler, description="Euler on the probability-flow ODE"),
-    "euler_a": SamplerSpec(sample_euler_ancestral, {"eta": _ETA, "s_noise": _S_NOISE, "noise": _noise_option("gaussian")},
+    "euler_a": SamplerSpec(sample_euler_ancestral,
+                           {"eta": _ETA, "s_noise": _S_NOISE, "noise": _noise_option("gaussian")},
                            description="ancestral Euler (new noise every step)"),
     "heun": SamplerSpec(sample_heun, calls_per_step=2, description="Heun, second order"),
     "lms": SamplerSpec(sample_lms, {"order": Option(4, 1, 4, help="multistep order")},
