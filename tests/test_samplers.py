@@ -36,7 +36,7 @@ diffusers = pytest.importorskip("diffusers")
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHED = DiscreteSchedule()
-TOL = 1e-4  # latents; measured 1e-6 .. 3e-5 (float32 on diffusers' side)
+TOL = 1e-4  # latents of scale ~4; measured 7e-7 .. 9e-6 (diffusers computes in float32)
 
 
 def toy_net(z, t, ctx):
