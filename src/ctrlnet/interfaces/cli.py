@@ -56,11 +56,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-scale", "--scale", type=float, default=9.0, help="how strongly to follow the prompt")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one and reports it")
     p.add_argument("--eta", type=float, default=None,
-                   help="noise of DDIM and the ancestral/SDE samplers, 0..1 (default: the sampler's: DDIM 0, others 1)")
+                   help="noise of DDIM and the ancestral/SDE samplers, 0..1; None: the sampler's (DDIM 0, others 1)")
     p.add_argument("--sampler", default="ddim",
                    help="a sampler as A1111 names it (\"Euler a\", \"DPM++ 2M Karras\", UniPC, LCM...) or a key (ddim, euler_a...)")
     p.add_argument("--schedule", default=None,
-                   help="karras, exponential, uniform, sgm_uniform, simple, ddim, lcm (default: the sampler's)")
+                   help="karras, exponential, uniform, sgm_uniform, simple, ddim, lcm; None: the sampler's")
     p.add_argument("--clip-skip", type=int, default=1, help="1 or 2")
     p.add_argument("--from-png", default=None, metavar="PNG",
                    help="redo the image a previous run wrote: its settings, seed, models and control maps "
