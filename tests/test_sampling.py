@@ -8,7 +8,7 @@ from ctrlnet.config import TINY_SD1, ScheduleConfig
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser, control_scales
-from ctrlnet.sampling.samplers import sample_ddim, sample_euler
+from ctrlnet.sampling.samplers import run_sampler, sample_ddim, sample_euler
 from ctrlnet.sampling.schedule import DiscreteSchedule, ddim_sigmas, ddim_timesteps, vp_scale
 from helpers import randomize_
 
@@ -60,7 +60,7 @@ def ours_ddim(eps_fn, shape, steps, eta, gen, parameterization="eps"):
 
     den = Denoiser(Fn(), sched, cond=torch.zeros(shape[0], 1, 1), sigmas=sigmas)
     x = torch.randn(shape, generator=gen) / vp_scale(float(sigmas[0]))
-    x = sample_ddim(den, x, sigmas, eta=eta, generator=gen)
+    x = run_sampler("ddim", den, x, sigmas, eta=eta, generator=gen, noise="gaussian")
     return x * vp_scale(float(sigmas[-1]))
 
 

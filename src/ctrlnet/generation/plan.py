@@ -14,6 +14,7 @@ from ctrlnet.generation.inpaint import crop_box
 from ctrlnet.generation.preprocess import legacy_size, prepare_mask
 from ctrlnet.generation.request import MAX_SEED, GenerationRequest
 from ctrlnet.image import HWC3, ImageError, check_size
+from ctrlnet.sampling.names import resolve_sampler
 from ctrlnet.sampling.schedule import get_sigmas
 
 
@@ -50,7 +51,7 @@ class Plan:
         ``n - int(n * strength)`` (diffusers' ``get_timesteps``) when it starts from an image."""
         r = self.request
         steps = (r.hires_steps or r.steps) if hires else r.steps
-        sigmas = get_sigmas(schedule, steps, r.schedule or "ddim")
+        sigmas = get_sigmas(schedule, steps, resolve_sampler(r.sampler, r.schedule)[1])
         n = len(sigmas) - 1
         return sigmas[n - min(int(n * self.strength(hires)), n):]
 

@@ -233,9 +233,11 @@ class GenerationRequest:
             raise ValueError("give both width and height, or neither")
         if self.mask is not None and self.init_image is None:
             raise ValueError("mask needs an init_image to inpaint")
-        from ctrlnet.sampling.samplers import get_sampler
+        from ctrlnet.sampling.names import resolve_sampler
+        from ctrlnet.sampling.samplers import check_options
 
-        get_sampler(self.sampler)
+        key, _ = resolve_sampler(self.sampler, self.schedule)
+        check_options(key, {} if self.eta is None else {"eta": self.eta})
         for i, (name, w) in enumerate(self.loras):
             if not isinstance(name, str) or not name:
                 raise ValueError(f"loras[{i}]: a LoRA needs a name or path")

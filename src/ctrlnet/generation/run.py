@@ -23,7 +23,8 @@ from ctrlnet.generation.result import GenerationResult
 from ctrlnet.image import ImageError
 from ctrlnet.runtime.device import offload
 from ctrlnet.sampling.denoiser import Denoiser, TiledDenoiser
-from ctrlnet.sampling.samplers import get_sampler
+from ctrlnet.sampling.names import resolve_sampler
+from ctrlnet.sampling.samplers import SAMPLERS, run_sampler
 from ctrlnet.sampling.schedule import vp_scale
 
 Progress = Callable[[int, int], None]
@@ -88,10 +89,14 @@ def _units(plan: Plan, source: np.ndarray | None) -> list[_Unit]:
     return units
 
 
-def _run_sampler(req: GenerationRequest, den, x, sigmas, noise: ImageNoise, callback):
-    sampler = get_sampler(req.sampler)
-    eta = req.eta if req.eta is not None else (1.0 if req.sampler == "euler_a" else 0.0)
-    return sampler(den, x, sigmas, callback=callback, eta=eta, generator=noise)
+def _run_sampler(req: GenerationRequest, den, x, sigmas, noise: ImageNoise, callback, seeds: list[int]):
+    """The request's sampler with its own defaults (eta None = the sampler's), stochastic steps
+    drawing image k's noise from image k's generator; Brownian trees seeded by the image seeds (A1111)."""
+    key, _ = resolve_sampler(req.sampler, req.schedule)
+    options = {} if req.eta is None else {"eta": req.eta}
+    if "noise" in SAMPLERS[key].defaults:
+        options["seed"] = seeds
+    return run_sampler(key, den, x, sigmas, generator=noise.generators, callback=callback, **options)
 
 
 def _sample_pass(models: Models, plan: Plan, size: tuple[int, int], hires: bool, units: list[_Unit],
@@ -152,7 +157,7 @@ def _sample_pass(models: Models, plan: Plan, size: tuple[int, int], hires: bool,
     if len(sigmas) < 2:
         return x0.to(dev), maps
     with offload([models.base.unet, *[c.net for c in controls]], dev, models.low_vram):
-        x = _run_sampler(req, den, x, sigmas, noise, steps.callback(blend))
+        x = _run_sampler(req, den, x, sigmas, noise, steps.callback(blend), plan.seeds)
     return x * vp_scale(float(sigmas[-1])), maps  # back to the model's scale at the last sigma
 
 

@@ -60,9 +60,9 @@ class GenerateBody(BaseModel):
     steps: int = 20
     guidance_scale: float = 9.0
     seed: int = Field(-1, description="-1 = random; the seed used is returned")
-    eta: float = 0.0
-    sampler: str = "ddim"
-    schedule: str = "ddim"
+    eta: Optional[float] = Field(None, description="null = the sampler's (DDIM 0, ancestral/SDE samplers 1)")
+    sampler: str = Field("ddim", description="a key or an A1111 name: \"Euler a\", \"DPM++ 2M Karras\", \"UniPC\"...")
+    schedule: Optional[str] = Field(None, description="null = the one in the sampler name, else the sampler's")
     guess_mode: bool = False
     only_mid_control: bool = False
     clip_skip: int = 1

@@ -55,8 +55,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance-scale", "--scale", type=float, default=9.0, help="how strongly to follow the prompt")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one and reports it")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise of DDIM and the ancestral/SDE samplers, 0..1; None: the sampler's (DDIM 0, others 1)")
+    p.add_argument("--sampler", default="ddim",
+                   help="a sampler as A1111 names it (\"Euler a\", \"DPM++ 2M Karras\", UniPC, LCM...) or a key (ddim, euler_a...)")
+    p.add_argument("--schedule", default=None,
+                   help="karras, exponential, uniform, sgm_uniform, simple, ddim, lcm; None: the sampler's")
     p.add_argument("--clip-skip", type=int, default=1, help="1 or 2")
     p.add_argument("--from-png", default=None, metavar="PNG",
                    help="redo the image a previous run wrote: its settings, seed, models and control maps "
@@ -99,6 +103,7 @@ def _request_from_args(args, models):
         controls=controls, num_images=args.num_images,
         resolution=args.resolution or models.defaults.get("resolution", 512), steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, eta=args.eta, sampler=args.sampler,
+        schedule=args.schedule,
         guess_mode=args.guess_mode, clip_skip=args.clip_skip,
     )
 

@@ -30,7 +30,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, guidance: float, steps: int =
     g.add_argument("--guidance-scale", "--scale", type=float, default=guidance)
     g.add_argument("--strength", type=float, default=1.0, help="control strength, 0..2")
     g.add_argument("--seed", type=int, default=seed, help="-1 picks one" if seed == -1 else "noise seed")
-    g.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmpp_2m")
+    g.add_argument("--sampler", default="ddim", help="an A1111 name (\"Euler a\", \"DPM++ 2M Karras\"...) or a key")
 
 
 def _add_colorizer_args(p: argparse.ArgumentParser) -> None:

@@ -1,128 +1,522 @@
-"""Samplers as small pure functions with one signature (k-diffusion style):
+"""Samplers as small pure functions with one signature (k-diffusion style), and their registry.
 
 ``sample_x(denoiser, x, sigmas, extra_args=None, callback=None, **options) -> x``
 
-``x`` starts as noise scaled to ``sigmas[0]`` and ends at ``sigmas[-1]``. ``denoiser(x, sigma)``
-returns the predicted clean latent. Noise for stochastic samplers comes from ``generator``.
+- ``x``: (B, C, h, w) float latent in sigma space (``x = z / sqrt(alpha_bar)``), holding noise of
+  standard deviation ``sigmas[0]`` (plus the image, for img2img); returned at ``sigmas[-1]``.
+- ``sigmas``: descending 1-D tensor (float64 preferred), usually from ``schedule.get_sigmas``.
+- ``denoiser(x, sigma, **extra_args)``: ``sigma`` is a float64 CPU tensor (B,); returns the
+  predicted clean latent shaped like ``x``.
+- ``callback({"i", "x", "sigma", "denoised"})`` once per step, after the step (``x`` is the new
+  latent, ``sigma`` the step's starting sigma as a float).
+- Stochastic samplers take ``noise_sampler(sigma, sigma_next) -> unit noise like x``
+  (``ctrlnet.sampling.noise``); without one they draw from torch's global RNG.
+
+Each sampler follows a named reference (k-diffusion ``sampling.py`` or a diffusers scheduler),
+said in its docstring; tests check them against diffusers on the same model and noise.
+
+:data:`SAMPLERS` maps a key to a :class:`SamplerSpec` (function, options with defaults and
+limits, default schedule); :func:`run_sampler` is the one call for the pipeline: it applies the
+defaults, refuses unknown or out-of-range options by name, and builds the noise sampler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from ctrlnet.sampling.noise import NOISE_KINDS, Generators, NoiseSampler, make_noise_sampler
 
 Callback = Callable[[dict], None]
 
 
-def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """Standard normal noise like ``x``: from ``generator`` (a torch.Generator, or a callable noise
-    source such as per-image generators ``generator(x) -> noise``), else the global RNG."""
-    if callable(generator) and not isinstance(generator, torch.Generator):
-        return generator(x)
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x)
+def _floats(sigmas) -> list[float]:
+    return [float(s) for s in torch.as_tensor(sigmas).detach().double().cpu()]
 
 
-def _step_sigma(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _model(denoiser, x: torch.Tensor, sigma: float, extra_args: dict | None) -> torch.Tensor:
     # float64 on the CPU: the denoiser maps it back to an exact integer timestep (MPS has no fp64)
-    return s.detach().to("cpu", torch.float64).reshape(()).expand(x.shape[0])
+    s = torch.full((x.shape[0],), sigma, dtype=torch.float64)
+    return denoiser(x, s, **(extra_args or {}))
+
+
+def _noise(noise_sampler: NoiseSampler | None, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    return torch.randn_like(x) if noise_sampler is None else noise_sampler(sigma, sigma_next)
+
+
+def _ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) for a step from sigma to sigma_next (k-diffusion ``get_ancestral_step``)."""
+    if not eta or sigma_next == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
+def _report(callback, i, x, sigma, denoised):
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, eta: float = 0.0,
-                generator: torch.Generator | None = None):
+def sample_ddim(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *, eta: float = 0.0,
+                s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None):
     """DDIM (Song et al. 2021) with ``eta``, as the original ``ddim_hacked`` sampler.
 
     In sigma space the DDIM update is ``x0 + sigma_down * eps + sigma_up * noise`` with
     ``sigma_up = eta * sqrt((1-a_prev)/(1-a_t) * (1-a_t/a_prev)) / sqrt(a_prev)``; eta = 0 is Euler.
     """
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i].double(), sigmas[i + 1].double()
-        denoised = denoiser(x, _step_sigma(x, s), **extra_args)
-        eps = (x - denoised) / s.float()
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
+        eps = (x - denoised) / s
         a_t, a_prev = 1 / (1 + s**2), 1 / (1 + s_next**2)
-        sigma_vp = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        sigma_up = sigma_vp / a_prev.sqrt()
-        sigma_down = (s_next**2 - sigma_up**2).clamp(min=0).sqrt()
-        x = denoised + float(sigma_down) * eps
-        if eta > 0 and sigma_up > 0:
-            x = x + float(sigma_up) * _noise_like(x, generator)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "denoised": denoised})
-    return x
-
-
-@torch.no_grad()
-def sample_euler(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, **_):
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        s = sigmas[i]
-        denoised = denoiser(x, _step_sigma(x, s), **extra_args)
-        d = (x - denoised) / float(s)
-        x = x + d * float(sigmas[i + 1] - s)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "denoised": denoised})
-    return x
-
-
-@torch.no_grad()
-def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None,
-                           eta: float = 1.0, generator: torch.Generator | None = None):
-    """Ancestral Euler: a deterministic step to sigma_down, then fresh noise of sigma_up."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, _step_sigma(x, sigmas[i]), **extra_args)
-        sigma_up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5) if s_next > 0 else 0.0
-        sigma_down = (s_next**2 - sigma_up**2) ** 0.5
-        x = denoised + (x - denoised) / s * sigma_down
+        sigma_vp = eta * max(0.0, (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        sigma_up = sigma_vp / a_prev**0.5
+        sigma_down = max(0.0, s_next**2 - sigma_up**2) ** 0.5
+        x = denoised + sigma_down * eps
         if sigma_up > 0:
-            x = x + _noise_like(x, generator) * sigma_up
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+            x = x + sigma_up * s_noise * _noise(noise_sampler, x, s, s_next)
+        _report(callback, i, x, s, denoised)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, **_):
-    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in log-sigma."""
-    extra_args = extra_args or {}
+def sample_euler(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn;
+    k-diffusion ``sample_euler``, diffusers ``EulerDiscreteScheduler``)."""
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        denoised = _model(denoiser, x, sig[i], extra_args)
+        x = x + (x - denoised) / sig[i] * (sig[i + 1] - sig[i])
+        _report(callback, i, x, sig[i], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
+                           eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None):
+    """Ancestral Euler: a deterministic step to sigma_down, then fresh noise of sigma_up
+    (k-diffusion ``sample_euler_ancestral``; diffusers ``EulerAncestralDiscreteScheduler`` at eta 1)."""
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
+        down, up = _ancestral_step(s, s_next, eta)
+        x = x + (x - denoised) / s * (down - s)
+        if up > 0:
+            x = x + _noise(noise_sampler, x, s, s_next) * s_noise * up
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 2 without churn; k-diffusion
+    ``sample_heun``, diffusers ``HeunDiscreteScheduler``): two model calls per step, an Euler
+    step on the last one (to sigma 0)."""
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
+        d = (x - denoised) / s
+        dt = s_next - s
+        if s_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - _model(denoiser, x_2, s_next, extra_args)) / s_next
+            x = x + (d + d_2) / 2 * dt
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+def _lms_coefficient(sig: Sequence[float], order: int, i: int, j: int) -> float:
+    """Integral over [sig[i], sig[i+1]] of the Lagrange basis polynomial j through sig[i], ...,
+    sig[i-order+1] (k-diffusion ``linear_multistep_coeff``). The integrand is a polynomial of
+    degree order-1, so Gauss-Legendre with 4 nodes is exact (k-diffusion uses scipy's quad)."""
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    a, b = sig[i], sig[i + 1]
+    tau = (b - a) / 2 * nodes + (a + b) / 2
+    prod = np.ones_like(tau)
+    for k in range(order):
+        if k != j:
+            prod *= (tau - sig[i - k]) / (sig[i - j] - sig[i - k])
+    return float((b - a) / 2 * np.sum(weights * prod))
+
+
+@torch.no_grad()
+def sample_lms(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *, order: int = 4):
+    """Linear multistep of ``order`` on the derivatives ``(x - denoised) / sigma``
+    (k-diffusion ``sample_lms``; diffusers ``LMSDiscreteScheduler``), lower order while warming up."""
+    sig = _floats(sigmas)
+    ds: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        denoised = _model(denoiser, x, sig[i], extra_args)
+        ds.append((x - denoised) / sig[i])
+        if len(ds) > order:
+            ds.pop(0)
+        cur = min(i + 1, order)
+        coeffs = [_lms_coefficient(sig, cur, i, j) for j in range(cur)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        _report(callback, i, x, sig[i], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None):
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in log-sigma (k-diffusion
+    ``sample_dpmpp_2m``; diffusers ``DPMSolverMultistepScheduler``): first order on the first
+    step and on the last step to sigma 0."""
+    sig = _floats(sigmas)
     old = None
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoiser(x, _step_sigma(x, sigmas[i]), **extra_args)
+    h_last = None
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
         if s_next == 0:
             x = denoised
         else:
-            t, t_next = -torch.tensor(s).log(), -torch.tensor(s_next).log()
-            h = float(t_next - t)
+            h = math.log(s / s_next)  # t = -log(sigma)
             if old is None:
                 d = denoised
             else:
-                h_last = float(t - (-torch.tensor(float(sigmas[i - 1])).log()))
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-            x = (s_next / s) * x - (torch.expm1(torch.tensor(-h))).item() * d
+            x = (s_next / s) * x - math.expm1(-h) * d
+            h_last = h
         old = denoised
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+        _report(callback, i, x, s, denoised)
     return x
 
 
-SAMPLERS: dict[str, Callable] = {
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
+                        eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
+                        noise_sampler: NoiseSampler | None = None):
+    """DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``; diffusers
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` at eta 1), ``solver_type``
+    "midpoint" or "heun" for the second-order correction."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    sig = _floats(sigmas)
+    old = None
+    h_last = None
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
+        if s_next == 0:
+            x = denoised
+        else:
+            h = math.log(s / s_next)
+            eta_h = eta * h
+            x = (s_next / s * math.exp(-eta_h)) * x + (-math.expm1(-h - eta_h)) * denoised
+            if old is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    coef = -math.expm1(-h - eta_h) / (-h - eta_h) + 1
+                else:
+                    coef = 0.5 * -math.expm1(-h - eta_h)
+                x = x + coef * (1 / r) * (denoised - old)
+            if eta:
+                amp = s_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
+                x = x + _noise(noise_sampler, x, s, s_next) * amp
+            h_last = h
+        old = denoised
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
+                     eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5,
+                     noise_sampler: NoiseSampler | None = None):
+    """DPM-Solver++ (stochastic, single-step second order; k-diffusion ``sample_dpmpp_sde``;
+    diffusers ``DPMSolverSDEScheduler`` at r = 1/2): a model call at ``sigma^(1-r) sigma_next^r``
+    between the steps, an Euler step on the last one (to sigma 0)."""
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = _model(denoiser, x, s, extra_args)
+        if s_next == 0:
+            x = x + (x - denoised) / s * (s_next - s)
+        else:
+            t, t_next = -math.log(s), -math.log(s_next)
+            h = t_next - t
+            s_mid = math.exp(-(t + h * r))
+            fac = 1 / (2 * r)
+            # step 1: to the intermediate sigma
+            down, up = _ancestral_step(s, s_mid, eta)
+            x_2 = (down / s) * x - math.expm1(t + math.log(down)) * denoised
+            if up > 0:
+                x_2 = x_2 + _noise(noise_sampler, x, s, s_mid) * s_noise * up
+            denoised_2 = _model(denoiser, x_2, s_mid, extra_args)
+            # step 2: the full step with the blended prediction
+            down, up = _ancestral_step(s, s_next, eta)
+            d = (1 - fac) * denoised + fac * denoised_2
+            x = (down / s) * x - math.expm1(t + math.log(down)) * d
+            if up > 0:
+                x = x + _noise(noise_sampler, x, s, s_next) * s_noise * up
+        _report(callback, i, x, s, denoised)
+    return x
+
+
+def _unipc_terms(h: float, rks: Sequence[float], variant: str):
+    """UniPC's B(h), h*phi_1 and the order conditions (R, b) for ratios ``rks`` (last one 1),
+    as diffusers ``multistep_uni_p/c_bh_update`` with ``predict_x0`` (data prediction)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    fact = 1
+    R, b = [], []
+    for k in range(1, len(rks) + 1):
+        R.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * fact / b_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return b_h, h_phi_1, np.array(R), np.array(b)
+
+
+def _unipc_history(lam: Sequence[float], outputs: Sequence[torch.Tensor], at: int, order: int, h: float):
+    """Ratios r_k and scaled differences D1_k = (m_k - m0) / r_k of the ``order - 1`` model outputs
+    before ``outputs[-1]`` (which is at sigma index ``at``)."""
+    m0 = outputs[-1]
+    rks, d1s = [], []
+    for k in range(1, order):
+        rk = (lam[at - k] - lam[at]) / h
+        rks.append(rk)
+        d1s.append((outputs[-(k + 1)] - m0) / rk)
+    return rks + [1.0], d1s
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *, order: int = 2,
+                 variant: str = "bh2"):
+    """UniPC (Zhao et al. 2023): multistep predictor UniP-``order`` with the corrector UniC after
+    every model call, data prediction, as diffusers' ``UniPCMultistepScheduler`` with
+    ``solver_order=order, solver_type=variant, predict_x0=True, lower_order_final=True,
+    disable_corrector=[]``: lower order while warming up and on the last step (to sigma 0),
+    where the result is the model's prediction. The corrector reuses the model output at the
+    predicted point (no extra model call).
+
+    In sigma space (lambda = -log sigma) the VP update ``sigma_t/sigma_s x - alpha_t h_phi_1 m0 - ...``
+    divides through by alpha_t, which removes every alpha factor.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    sig = _floats(sigmas)
+    n = len(sig) - 1
+    lam = [-math.log(s) if s > 0 else math.inf for s in sig]
+    outputs: list[torch.Tensor] = []  # model predictions at the last `order` sigmas, newest last
+    x_prev, prev_order = None, 0
+    for i in range(n):
+        denoised = _model(denoiser, x, sig[i], extra_args)
+        if i > 0:
+            # UniC: correct the predicted x at sig[i] with the fresh prediction there
+            h = lam[i] - lam[i - 1]
+            rks, d1s = _unipc_history(lam, outputs, i - 1, prev_order, h)
+            b_h, h_phi_1, R, b = _unipc_terms(h, rks, variant)
+            rhos = [0.5] if prev_order == 1 else np.linalg.solve(R, b).tolist()
+            res = sum(float(rho) * d for rho, d in zip(rhos[:-1], d1s))
+            m0 = outputs[-1]
+            x = (sig[i] / sig[i - 1]) * x_prev - h_phi_1 * m0 - b_h * (res + rhos[-1] * (denoised - m0))
+        outputs = (outputs + [denoised])[-order:]
+        this_order = min(order, n - i, len(outputs))
+        x_prev = x
+        if sig[i + 1] == 0:  # first order into sigma 0 gives the prediction exactly
+            x = denoised
+        else:
+            # UniP: predict x at sig[i + 1]
+            h = lam[i + 1] - lam[i]
+            rks, d1s = _unipc_history(lam, outputs, i, this_order, h)
+            b_h, h_phi_1, R, b = _unipc_terms(h, rks, variant)
+            if this_order == 1:
+                rhos = []
+            elif this_order == 2:
+                rhos = [0.5]
+            else:
+                rhos = np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+            res = sum(float(rho) * d for rho, d in zip(rhos, d1s))
+            x = (sig[i + 1] / sig[i]) * x - h_phi_1 * denoised - b_h * res
+        prev_order = this_order
+        _report(callback, i, x, sig[i], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
+               noise_sampler: NoiseSampler | None = None):
+    """Latent Consistency Model sampling (A1111's and ComfyUI's ``sample_lcm``; diffusers
+    ``LCMScheduler``): take the prediction, then noise it afresh to the next sigma; the last step
+    returns the prediction. For LCM-distilled weights and LCM-LoRA, with the ``lcm`` schedule.
+
+    diffusers additionally mixes ``c_skip * z`` into the prediction (LCM's boundary condition with
+    timestep scaling 10); on the LCM timesteps (>= 19) ``c_skip < 7e-6`` and ``c_out > 1 - 4e-6``,
+    so it is left out here, as A1111 and ComfyUI do for SD models.
+    """
+    sig = _floats(sigmas)
+    for i in range(len(sig) - 1):
+        denoised = _model(denoiser, x, sig[i], extra_args)
+        x = denoised
+        if sig[i + 1] > 0:
+            x = x + sig[i + 1] * _noise(noise_sampler, x, sig[i], sig[i + 1])
+        _report(callback, i, x, sig[i], denoised)
+    return x
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampler option: its default and what it accepts (``low``..``high`` for numbers,
+    ``choices`` for strings)."""
+
+    default: float | int | str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+    def check(self, sampler: str, name: str, value):
+        """Return ``value`` converted to the default's type; ValueError naming sampler and option."""
+        where = f"sampler {sampler!r} option {name}={value!r}"
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{where} is not one of {', '.join(self.choices)}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number")
+        if isinstance(self.default, int) and float(value) != int(value):
+            raise ValueError(f"{where} must be a whole number")
+        value = type(self.default)(value)
+        if not (self.low <= value <= self.high):
+            raise ValueError(f"{where} is out of range: must be between {self.low} and {self.high}")
+        return value
+
+
+_ETA = Option(1.0, 0.0, 1.0, help="ancestral noise: 0 deterministic, 1 the full SDE")
+_S_NOISE = Option(1.0, 0.0, 2.0, help="scale of the added noise")
+
+
+def _noise_option(default: str) -> Option:
+    return Option(default, choices=NOISE_KINDS,
+                  help="gaussian: fresh draws each step; brownian: one Brownian path (consistent across step counts)")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler in the registry.
+
+    ``fn``: the sampler function. ``options``: every option a caller may set, with defaults and
+    limits (``noise`` is turned into the ``noise_sampler`` argument by :func:`run_sampler`).
+    ``schedule``: the default schedule (A1111's "Automatic" for this sampler). ``calls_per_step``:
+    model calls per step (2 for single-step second-order samplers, except the last step).
+    """
+
+    fn: Callable
+    options: Mapping[str, Option] = field(default_factory=dict)
+    schedule: str = "uniform"
+    calls_per_step: int = 1
+    description: str = ""
+
+    @property
+    def defaults(self) -> dict:
+        return {k: o.default for k, o in self.options.items()}
+
+    @property
+    def stochastic(self) -> bool:
+        return "noise" in self.options
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(sample_ddim, {"eta": Option(0.0, 0.0, 1.0, help=_ETA.help), "s_noise": _S_NOISE,
+                                      "noise": _noise_option("gaussian")},
+                        schedule="ddim", description="DDIM, as the original ControlNet apps (eta 0: deterministic)"),
+    "euler": SamplerSpec(sample_euler, description="Euler on the probability-flow ODE"),
+    "euler_a": SamplerSpec(sample_euler_ancestral,
+                           {"eta": _ETA, "s_noise": _S_NOISE, "noise": _noise_option("gaussian")},
+                           description="ancestral Euler (new noise every step)"),
+    "heun": SamplerSpec(sample_heun, calls_per_step=2, description="Heun, second order"),
+    "lms": SamplerSpec(sample_lms, {"order": Option(4, 1, 4, help="multistep order")},
+                       description="linear multistep"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, schedule="karras", description="DPM-Solver++(2M)"),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, {"eta": _ETA, "s_noise": _S_NOISE,
+                                                      "solver_type": Option("midpoint", choices=("midpoint", "heun")),
+                                                      "noise": _noise_option("brownian")},
+                                schedule="exponential", description="DPM-Solver++(2M) SDE, midpoint"),
+    "dpmpp_2m_sde_heun": SamplerSpec(sample_dpmpp_2m_sde, {"eta": _ETA, "s_noise": _S_NOISE,
+                                                           "solver_type": Option("heun", choices=("midpoint", "heun")),
+                                                           "noise": _noise_option("brownian")},
+                                     schedule="exponential", description="DPM-Solver++(2M) SDE, Heun correction"),
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, {"eta": _ETA, "s_noise": _S_NOISE,
+                                                "r": Option(0.5, 0.01, 1.0, help="position of the intermediate step"),
+                                                "noise": _noise_option("brownian")},
+                             schedule="karras", calls_per_step=2, description="DPM-Solver++ SDE (single step)"),
+    "unipc": SamplerSpec(sample_unipc, {"order": Option(2, 1, 3, help="predictor order"),
+                                        "variant": Option("bh2", choices=("bh1", "bh2"))},
+                         schedule="sgm_uniform", description="UniPC, as diffusers' UniPCMultistepScheduler"),
+    "lcm": SamplerSpec(sample_lcm, {"noise": _noise_option("gaussian")}, schedule="lcm",
+                       description="LCM (for LCM-distilled weights and LCM-LoRA)"),
 }
 
 
-def get_sampler(name: str) -> Callable:
+def sampler_spec(key: str) -> SamplerSpec:
+    """The registry entry for ``key``; ValueError listing the known keys."""
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[key]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}") from None
+        raise ValueError(f"unknown sampler {key!r}; known: {', '.join(SAMPLERS)}") from None
+
+
+def get_sampler(key: str) -> Callable:
+    """The bare sampler function for ``key`` (its keyword defaults are the registry's)."""
+    return sampler_spec(key).fn
+
+
+def check_options(key: str, options: Mapping) -> dict:
+    """The sampler's defaults updated with ``options``, each checked; ValueError naming any option
+    the sampler does not take (with the ones it does) or a value out of its range."""
+    spec = sampler_spec(key)
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        known = ", ".join(spec.options) or "none"
+        raise ValueError(f"sampler {key!r} takes no option {', '.join(unknown)}; its options: {known}")
+    out = spec.defaults
+    for name, value in options.items():
+        out[name] = spec.options[name].check(key, name, value)
+    return out
+
+
+def run_sampler(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+                seed: int | Sequence[int] | None = None, callback: Callback | None = None,
+                extra_args: dict | None = None, **options) -> torch.Tensor:
+    """Sample ``x`` (B, C, h, w, sigma space, at ``sigmas[0]``) down ``sigmas`` with sampler
+    ``name`` (a key of :data:`SAMPLERS` or any name :func:`ctrlnet.sampling.names.resolve_sampler`
+    accepts; a schedule in the name is ignored here, the caller chose ``sigmas``).
+
+    ``options`` override the sampler's defaults (e.g. ``eta``); an option the sampler does not
+    take, or a value out of range, raises ValueError before any model call. ``generator``: one
+    ``torch.Generator`` or one per batch item, for the noise of stochastic samplers. ``seed``:
+    Brownian-tree seed(s) (an int, or one per item as A1111's image seeds); by default drawn from
+    ``generator``. Returns the latent at ``sigmas[-1]``.
+    """
+    if name in SAMPLERS:
+        key = name
+    else:
+        from ctrlnet.sampling.names import resolve_sampler
+
+        key = resolve_sampler(name)[0]
+    spec = SAMPLERS[key]
+    opts = check_options(key, options)
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D list of at least 2 values, got shape {tuple(sigmas.shape)}")
+    kind = opts.pop("noise", None)
+    if kind is not None:
+        opts["noise_sampler"] = make_noise_sampler(kind, x, sigmas, generator, seed)
+    return spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, **opts)

@@ -76,20 +76,93 @@ def ddim_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
 
 
 def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) spacing between the model's sigma range, ending at 0."""
+    """Karras et al. (2022) spacing between the model's sigma range, ending at 0
+    (k-diffusion ``get_sigmas_karras`` with the model's min and max sigma, as A1111 and diffusers'
+    ``use_karras_sigmas``)."""
     smin, smax = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     s = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
     return torch.cat([s, s.new_zeros(1)])
 
 
+def exponential_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """Sigmas evenly spaced in log-sigma from the model's max to its min, ending at 0
+    (k-diffusion ``get_sigmas_exponential``; diffusers' ``use_exponential_sigmas``)."""
+    smin, smax = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+    s = torch.linspace(math.log(smax), math.log(smin), steps, dtype=torch.float64).exp()
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """Timesteps evenly spaced from T-1 to 0 (both included), log-sigma interpolated, ending at 0:
+    k-diffusion's ``DiscreteSchedule.get_sigmas``, A1111's "Uniform" (its "Automatic" for samplers
+    without a schedule of their own) and ComfyUI's "normal"."""
+    t = torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=torch.float64)
+    s = schedule.t_to_sigma(t)
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """``steps + 1`` timesteps evenly spaced from T-1 to 0 without the last, then sigma 0
+    (ComfyUI's and A1111's "SGM Uniform"; diffusers' default ``linspace`` spacing is this with the
+    timesteps rounded to integers)."""
+    t = torch.linspace(schedule.num_timesteps - 1, 0, steps + 1, dtype=torch.float64)[:-1]
+    s = schedule.t_to_sigma(t)
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def simple_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """Every ``T / steps``-th training sigma from the top, then 0 (ComfyUI's and A1111's "Simple")."""
+    stride = schedule.num_timesteps / steps
+    idx = torch.tensor([schedule.num_timesteps - 1 - int(i * stride) for i in range(steps)])
+    s = schedule.sigmas[idx]
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def lcm_timesteps(steps: int, num_timesteps: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """The timesteps of diffusers' ``LCMScheduler`` (the LCM authors' schedule): ``steps`` of the
+    ``original_steps`` distillation timesteps ``T/50 * k - 1``, picked evenly from the top.
+
+    Raises ValueError when ``steps`` is not in [1, original_steps].
+    """
+    if not 1 <= steps <= original_steps:
+        raise ValueError(f"LCM schedule steps must be in [1, {original_steps}], got {steps}")
+    skip = num_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * skip - 1)[::-1]
+    idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+    return origin[idx]
+
+
+def lcm_sigmas(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+    """Sigmas of :func:`lcm_timesteps`, ending at 0 (the last step returns the prediction)."""
+    s = schedule.sigmas[torch.from_numpy(lcm_timesteps(steps, schedule.num_timesteps).copy())]
+    return torch.cat([s, s.new_zeros(1)])
+
+
+SCHEDULES = {
+    "ddim": ddim_sigmas,
+    "uniform": uniform_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "sgm_uniform": sgm_uniform_sigmas,
+    "simple": simple_sigmas,
+    "lcm": lcm_sigmas,
+}
+
+
 def get_sigmas(schedule: DiscreteSchedule, steps: int, kind: str = "ddim") -> torch.Tensor:
-    """Sigma list for ``kind`` in {"ddim", "karras"}."""
-    if kind == "ddim":
-        return ddim_sigmas(schedule, steps)
-    if kind == "karras":
-        return karras_sigmas(schedule, steps)
-    raise ValueError(f"unknown schedule {kind!r}; use 'ddim' or 'karras'")
+    """Descending float64 sigmas (``steps + 1`` of them; ``ddim`` can give one more, see
+    :func:`ddim_timesteps`) for ``kind`` in :data:`SCHEDULES`. All end at 0 except ``ddim``, which
+    ends at the first training sigma as the original DDIM sampler does.
+
+    Raises ValueError on an unknown kind or ``steps`` out of range.
+    """
+    fn = SCHEDULES.get(kind)
+    if fn is None:
+        raise ValueError(f"unknown schedule {kind!r}; known: {', '.join(SCHEDULES)}")
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must be in [1, {schedule.num_timesteps}], got {steps}")
+    return fn(schedule, steps)
 
 
 def vp_scale(sigma: torch.Tensor | float) -> torch.Tensor | float:
