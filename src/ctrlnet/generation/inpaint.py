@@ -78,7 +78,8 @@ def masked_image(image: np.ndarray, binary: np.ndarray) -> np.ndarray:
 
 
 def composite(generated: np.ndarray, original: np.ndarray, pixel_mask: np.ndarray) -> np.ndarray:
-    """``generated * m + original * (1 - m)`` in float, truncated to uint8 (``gradio_inpaint.py``)."""
+    """``generated * m + original * (1 - m)`` in float, then clipped and truncated to uint8
+    (``gradio_inpaint.py``); ``generated`` may be the unclipped float decode."""
     m = pixel_mask[:, :, None]
     return (generated.astype(np.float32) * m + original.astype(np.float32) * (1.0 - m)).clip(0, 255).astype(np.uint8)
 
@@ -108,12 +109,12 @@ def crop_box(mask: np.ndarray, padding: int, aspect: float | None = None) -> tup
 
 
 def paste(original: np.ndarray, patch: np.ndarray, box: tuple[int, int, int, int], pixel_mask: np.ndarray) -> np.ndarray:
-    """Resize ``patch`` into ``box`` of ``original`` and composite it there with the full-size
-    blurred ``pixel_mask`` (A1111's inpaint-full-res paste-back)."""
+    """Resize ``patch`` (uint8 or float) into ``box`` of ``original`` and composite it there with the
+    full-size blurred ``pixel_mask`` (A1111's inpaint-full-res paste-back)."""
     y0, y1, x0, x1 = box
     h, w = y1 - y0, x1 - x0
     interp = cv2.INTER_LANCZOS4 if h * w > patch.shape[0] * patch.shape[1] else cv2.INTER_AREA
-    fitted = cv2.resize(patch, (w, h), interpolation=interp)
+    fitted = cv2.resize(patch.astype(np.float32), (w, h), interpolation=interp)
     out = original.copy()
     out[y0:y1, x0:x1] = composite(fitted, original[y0:y1, x0:x1], pixel_mask[y0:y1, x0:x1])
     return out

@@ -55,14 +55,17 @@ def encode_image(models: Models, image: np.ndarray, size: tuple[int, int]) -> to
     return encode_images(models, [fit_image(image, size)])
 
 
-def decode_images(models: Models, latents: torch.Tensor, tile_px: int | None = None) -> list[np.ndarray]:
-    """Scaled latents -> uint8 images, truncating as the original apps do. One image at a time, so
-    a batch costs the memory of one decode."""
+def decode_images(models: Models, latents: torch.Tensor, tile_px: int | None = None,
+                  as_float: bool = False) -> list[np.ndarray]:
+    """Scaled latents -> uint8 images, truncating as the original apps do (``as_float``: float32
+    ``x * 127.5 + 127.5``, not clipped, for a composite that clips once, as ``gradio_inpaint.py``).
+    One image at a time, so a batch costs the memory of one decode."""
     vae = models.base.vae
     dev = models.device
     out = []
     with offload([vae], dev, models.low_vram), torch.no_grad():
         for z in latents.split(1):
             x = vae.decode(z.to(dev, next(vae.parameters()).dtype), tile=_vae_tile(models, tile_px)).float()
-            out.append((x[0].permute(1, 2, 0) * 127.5 + 127.5).cpu().numpy().clip(0, 255).astype(np.uint8))
+            y = (x[0].permute(1, 2, 0) * 127.5 + 127.5).cpu().numpy()
+            out.append(y if as_float else y.clip(0, 255).astype(np.uint8))
     return out

@@ -218,7 +218,8 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
             up = _upscale(models, latents, plan.hires_size, req.hires_upscaler, tile_px)
             latents, maps = _sample_pass(models, plan, plan.hires_size, True, units, cond, uncond, noise, steps,
                                          start_latents=up)
-        images = decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None)
+        images = decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None,
+                               as_float=mask is not None)
     if mask is not None:
         images = [composite(im, start, mask.pixel) for im in images]
         if plan.box is not None:
