@@ -4,7 +4,6 @@ files written here, each asserting the same numbers as the plain file or the exa
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import types
 

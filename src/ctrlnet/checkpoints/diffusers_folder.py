@@ -163,9 +163,9 @@ def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, paramete
     tcfg, tsd = _checked(root / "text_encoder", _text, root / "text_encoder")
     cfg = ModelConfig(name=f"diffusers:{root.name}", unet=unet_cfg, vae=vae_cfg, text=tcfg,
                       schedule=_schedule(root, parameterization))
-    unet = load_into(_meta(lambda: UNetModel(**unet_cfg.kwargs())),
+    unet = load_into(_meta(lambda: UNetModel(**unet_cfg.kwargs()), root / "unet"),
                      _checked(root / "unet", du.from_diffusers, usd, uparams), "UNet", root / "unet", dtype=dtype)
-    vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs())),
+    vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs()), root / "vae"),
                     _checked(root / "vae", dv.vae_from_diffusers, vsd), "VAE", root / "vae", dtype=dtype)
     text = load_into(build_text_encoder(tcfg, device="meta"), tsd, "text encoder", root / "text_encoder",
                      harmless=HARMLESS_KEYS, dtype=dtype)
@@ -226,7 +226,7 @@ def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype
     params = _checked(root / "config.json", du.params_from_diffusers, cfg, "controlnet")
     if base is not None:
         check_fits(params, base, root)
-    net = load_into(_meta(lambda: ControlNet(**params)), _checked(root, du.from_diffusers, sd, params, "controlnet"),
+    net = load_into(_meta(lambda: ControlNet(**params), root), _checked(root, du.from_diffusers, sd, params, "controlnet"),
                     "ControlNet", root, dtype=dtype)
     return net.eval()
 

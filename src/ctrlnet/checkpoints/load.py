@@ -17,7 +17,7 @@ from ctrlnet.checkpoints import detect
 from ctrlnet.checkpoints.io import Checkpoint, CheckpointError, read_checkpoint
 from ctrlnet.checkpoints.keys import key_problems
 from ctrlnet.checkpoints.save import config_from_json
-from ctrlnet.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from ctrlnet.config import ModelConfig, TextEncoderConfig, UNetConfig
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import HARMLESS_KEYS as TEXT_HARMLESS
 from ctrlnet.models.text_encoder import TextEncoder, build_text_encoder
@@ -70,13 +70,13 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 64 else t
 
 
-def _meta(factory):
+def _meta(factory, path=None):
     # a config that cannot be built (group counts that do not divide, ...) is the file's problem
     try:
         with torch.device("meta"):
             return factory()
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"the model described by the file cannot be built: {e}") from None
+        raise CheckpointError(f"{path or 'model file'}: the model it describes cannot be built ({e})") from None
 
 
 def _unet_config(params: dict) -> UNetConfig:
@@ -189,9 +189,9 @@ def load_base(path, config: ModelConfig | None = None, parameterization: str | N
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no {', '.join(missing)} weights found).{hint}")
     cfg = config or infer_model_config(ckpt, layout, parameterization)
     sd = ckpt.state_dict
-    unet = load_into(_meta(lambda: UNetModel(**cfg.unet.kwargs())), detect.strip_prefix(sd, layout.unet),
+    unet = load_into(_meta(lambda: UNetModel(**cfg.unet.kwargs()), path), detect.strip_prefix(sd, layout.unet),
                      "UNet", path, dtype=dtype)
-    vae = load_into(_meta(lambda: AutoencoderKL(**cfg.vae.kwargs())), detect.strip_prefix(sd, layout.vae),
+    vae = load_into(_meta(lambda: AutoencoderKL(**cfg.vae.kwargs()), path), detect.strip_prefix(sd, layout.vae),
                     "VAE", path, harmless=VAE_HARMLESS, dtype=dtype)
     tsd, _ = _text_sd_and_config(sd, layout, path)
     text = load_into(build_text_encoder(cfg.text, device="meta"), tsd, "text encoder", path,

@@ -89,6 +89,6 @@ def load_vae(path, config: VAEConfig | None = None, dtype: torch.dtype = torch.f
         cfg = config
     else:
         cfg = own
-    vae = load_into(_meta(lambda: AutoencoderKL(**cfg.kwargs())), sd, "VAE", where, dtype=dtype)
+    vae = load_into(_meta(lambda: AutoencoderKL(**cfg.kwargs()), where), sd, "VAE", where, dtype=dtype)
     return vae.eval()
 
