@@ -38,6 +38,25 @@ class Models:
     dtype: torch.dtype
     low_vram: bool = False
     defaults: dict = field(default_factory=dict)  # default added/negative prompts for this model
+    embeddings: dict = field(default_factory=dict)  # textual inversion: name -> Embedding (A1111 embeddings/)
+    lora_dirs: list[Path] = field(default_factory=list)  # where <lora:NAME> and loras=[(NAME, w)] are looked up
+
+    LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+    def find_lora(self, name: str, allow_paths: bool = True) -> Path:
+        """A LoRA by name (``NAME`` + a LoRA suffix in one of ``lora_dirs``, A1111's ``models/Lora``
+        lookup) or, for trusted callers, by path. Raises FileNotFoundError naming where it looked."""
+        if not allow_paths and (Path(name).name != name or name.startswith(".")):
+            raise FileNotFoundError(f"LoRA {name!r} not found: LoRAs are named, not given by path")
+        for d in self.lora_dirs:
+            for suffix in ("", *self.LORA_SUFFIXES):
+                p = Path(d) / f"{name}{suffix}"
+                if p.is_file() and p.resolve().parent == Path(d).resolve():
+                    return p
+        if allow_paths and Path(name).expanduser().is_file():
+            return Path(name).expanduser()
+        where = ", ".join(str(d) for d in self.lora_dirs) or "no LoRA folder given (--lora-dir)"
+        raise FileNotFoundError(f"LoRA {name!r} not found (looked in: {where})")
 
     @property
     def config(self) -> ModelConfig:
@@ -102,12 +121,15 @@ def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str 
 
 def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
                 dtype="auto", low_vram: bool = False, parameterization: str | None = None,
-                channels_last: bool | None = None, vae: str | None = None) -> Models:
+                channels_last: bool | None = None, vae: str | None = None,
+                embeddings: Sequence[str] = (), lora_dirs: Sequence[str] = ()) -> Models:
     """Load a base model and ControlNets by path (or ``"demo"``, ``"random:<preset>"``).
 
     ``base=None`` is the embedded demo model, with its ControlNet when ``controlnets`` is empty.
     A diffusers pipeline folder as ``base`` brings its ``controlnet/`` (``controlnet_1``, ...) when
     no ControlNet is given. ``vae``: a VAE file or folder that replaces the base's VAE.
+    ``embeddings``: textual-inversion files or folders, called by file name in prompts.
+    ``lora_dirs``: folders where LoRAs are found by name (``<lora:NAME:W>`` in a prompt).
     ``low_vram`` keeps weights on the CPU and moves one stage at a time to the accelerator.
     ``channels_last`` (default: on for CPU and CUDA) stores the UNet and ControlNets channels-last.
     """
@@ -146,7 +168,11 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     defaults = {}
     if b.config.name.startswith(("sd15", "checkpoint:", "diffusers:")) and b.config.unet.context_dim in (768, 1024):
         defaults = {"added_prompt": ORIGINAL_ADDED_PROMPT, "negative_prompt": ORIGINAL_NEGATIVE_PROMPT}
-    models = Models(b, nets, dev, dt, low_vram, defaults)
+    models = Models(b, nets, dev, dt, low_vram, defaults, lora_dirs=[Path(d) for d in lora_dirs])
+    if embeddings:
+        from ctrlnet.generation.embeddings import load_embeddings
+
+        models.embeddings = load_embeddings(list(embeddings))
     for m in _all_modules(models):
         m.to(dtype=dt)
         if not low_vram:

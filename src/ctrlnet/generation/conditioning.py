@@ -20,7 +20,8 @@ def encode_prompts(models: Models, cond: list[str], uncond: list[str], clip_skip
                    min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Contexts (B, 77*k, D) for the prompts and negative prompts with A1111's emphasis, BREAK and
     75-token windows (:mod:`ctrlnet.generation.prompts`), the same k on both sides."""
-    return prompts.encode_prompts(models.base.text_encoder, cond, uncond, clip_skip=clip_skip, min_chunks=min_chunks)
+    return prompts.encode_prompts(models.base.text_encoder, cond, uncond, clip_skip=clip_skip, min_chunks=min_chunks,
+                                  embeddings=models.embeddings or None)
 
 
 def hint_tensor(cmap: np.ndarray, channels: int) -> torch.Tensor:

@@ -34,6 +34,9 @@ class Plan:
     box: tuple[int, int, int, int] | None
     legacy_resolution: int | None
     unit_nets: list[str]
+    prompt: str = ""  # the prompt as encoded: <lora:...> tags removed, the added prompt appended
+    loras: list = None  # [(Path, weight)]: the request's loras, then the prompt's tags
+
 
     @property
     def total_steps(self) -> int:
@@ -72,9 +75,11 @@ def _check_pixels(what: str, size: tuple[int, int], limit: int) -> None:
                          "lower the resolution, width/height or hires scale")
 
 
-def make_plan(models: Models, request: GenerationRequest) -> Plan:
+def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = True) -> Plan:
     """Check ``request`` against ``models`` and fix everything a run needs. Raises ValueError (or
-    :class:`~ctrlnet.image.ImageError`) naming the cause; nothing heavy has run yet."""
+    :class:`~ctrlnet.image.ImageError`, FileNotFoundError for a LoRA) naming the cause; nothing
+    heavy has run yet. ``allow_paths=False`` (untrusted callers) finds LoRAs only by name in
+    ``models.lora_dirs``."""
     request.validate()
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     req = replace(request, seed=seed)
@@ -142,4 +147,16 @@ def make_plan(models: Models, request: GenerationRequest) -> Plan:
         if unet_in == 9:
             raise ValueError("this base is an inpainting model (9-channel UNet): give an init_image and a mask")
         raise ValueError(f"a UNet with {unet_in} input channels is not supported (4, or 9 for inpainting)")
-    return Plan(req, seeds, size, out_size, hires, box, legacy, unit_nets)
+    from ctrlnet.generation.prompts import extract_lora_tags
+
+    text, tags = extract_lora_tags(req.prompt)
+    neg, neg_tags = extract_lora_tags(req.negative_prompt or "")
+    if neg_tags:
+        raise ValueError("<lora:...> tags belong in the prompt, not the negative prompt")
+    req.negative_prompt = neg
+    loras = [(models.find_lora(name, allow_paths), float(w)) for name, w in req.loras]
+    loras += [(models.find_lora(t.name, allow_paths=False), t.weight) for t in tags]
+    prompt = text + (", " + req.added_prompt if req.added_prompt else "")
+    # the record of the run names the size it used, so it makes the same images whatever decided it
+    req.width, req.height = size[1], size[0]
+    return Plan(req, seeds, size, out_size, hires, box, legacy, unit_nets, prompt, loras)

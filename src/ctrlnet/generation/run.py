@@ -21,6 +21,7 @@ from ctrlnet.generation.plan import Plan, make_plan
 from ctrlnet.generation.request import GenerationRequest, InpaintFill, ResizeMode, Upscaler
 from ctrlnet.generation.result import GenerationResult
 from ctrlnet.image import ImageError
+from ctrlnet.models.patching import apply_loras
 from ctrlnet.runtime.device import offload
 from ctrlnet.sampling.denoiser import Denoiser, TiledDenoiser
 from ctrlnet.sampling.names import resolve_sampler
@@ -173,21 +174,23 @@ def _upscale(models: Models, latents: torch.Tensor, size: tuple[int, int], upsca
 
 
 def generate(models: Models, request: GenerationRequest, progress: Progress | None = None,
-             cancel: Callable[[], bool] | None = None) -> GenerationResult:
+             cancel: Callable[[], bool] | None = None, allow_paths: bool = True) -> GenerationResult:
     """Generate ``request.num_images`` images (see :class:`GenerationRequest` for every option).
 
     ``progress(done, total)`` is called after every sampling step of every pass; ``cancel()`` is
     polled there too and a True stops the run with :class:`GenerationCancelled`. Raises ValueError
-    or :class:`~ctrlnet.image.ImageError` naming the cause before any model runs.
+    or :class:`~ctrlnet.image.ImageError` naming the cause before any model runs. LoRAs (the
+    request's and the prompt's ``<lora:NAME:W>`` tags) are merged for this call only and the
+    weights restored exactly after it. ``allow_paths=False`` for untrusted requests: LoRAs by name
+    only, from ``models.lora_dirs``.
     """
-    plan = make_plan(models, request)
+    plan = make_plan(models, request, allow_paths)
     req = plan.request
-    n, dev = req.num_images, models.device
     steps = _Steps(plan.total_steps, progress, cancel)
     noise = ImageNoise(plan.seeds, req.noise_device)
 
     init = req.init_image  # (H, W, 3) uint8, the original size
-    source, mask = None, None
+    source, mask, start, full_mask = None, None, None, None
     if init is not None:
         if plan.box is not None:
             y0, y1, x0, x1 = plan.box
@@ -199,10 +202,16 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
             full_mask = preprocess.prepare_mask(req.mask, init.shape[:2])
             crop = full_mask if plan.box is None else full_mask[plan.box[0]:plan.box[1], plan.box[2]:plan.box[3]]
             mask = MaskSet.make(crop, plan.size, req.mask_blur)
+    with apply_loras(models.base.unet, models.base.text_encoder, models.controlnets, plan.loras):
+        return _generate(models, plan, steps, noise, init, source, start, mask, full_mask)
+
+
+def _generate(models, plan, steps, noise, init, source, start, mask, full_mask) -> GenerationResult:
+    req = plan.request
+    n, dev = req.num_images, models.device
     units = _units(plan, source)
-    prompt = req.prompt + (", " + req.added_prompt if req.added_prompt else "")
     with offload([models.base.text_encoder], dev, models.low_vram), torch.no_grad():
-        cond, uncond = encode_prompts(models, [prompt] * n, [req.negative_prompt] * n, req.clip_skip,
+        cond, uncond = encode_prompts(models, [plan.prompt] * n, [req.negative_prompt] * n, req.clip_skip,
                                       req.prompt_chunks)
     cond, uncond = cond.to(dev), uncond.to(dev)
     steps.check()

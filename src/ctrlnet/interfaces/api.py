@@ -341,7 +341,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
         req = build_request(data, images)
 
         def job():
-            result = generate(models, req)
+            result = generate(models, req, allow_paths=False)  # clients name LoRAs; no server paths
             chunks = result_chunks(result, base_label, nets_label, str(models.dtype).replace("torch.", ""))
             return {"images": [_b64(png_bytes(im, chunks)) for im in result.images],
                     "control_maps": [_b64(png_bytes(m)) for m in result.control_maps],

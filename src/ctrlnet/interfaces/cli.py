@@ -25,6 +25,7 @@ _PLUGINS = [
 
 
 def _add_generate(sub) -> None:
+    from ctrlnet.generation.request import DEFAULT_MAX_PIXELS, ControlMode, InpaintFill, ResizeMode, Upscaler
     from ctrlnet.interfaces.model_args import add_model_args
 
     p = sub.add_parser(
@@ -48,8 +49,44 @@ def _add_generate(sub) -> None:
     p.add_argument("--annotator", action="append", default=[], metavar="NAME",
                    help="annotator for each --control ('none' = the image is already a control map; "
                         "list: ctrlnet annotate --list)")
-    p.add_argument("--strength", type=float, action="append", default=[], help="control strength, 0..2 (per control)")
-    p.add_argument("--guess-mode", action="store_true", help="follow the control without a prompt")
+    p.add_argument("--strength", type=float, action="append", default=[], help="control weight, 0..2 (per control)")
+    p.add_argument("--control-mode", action="append", default=[], choices=[m.value for m in ControlMode],
+                   help="per control: balanced; prompt (my prompt is more important); controlnet (ControlNet is "
+                        "more important = guess mode)")
+    p.add_argument("--resize-mode", action="append", default=[], choices=[m.value for m in ResizeMode],
+                   help="per control, when its aspect differs from the output: stretch, cover and crop, fit and pad")
+    p.add_argument("--control-start", type=float, action="append", default=[], help="per control: first step, 0..1")
+    p.add_argument("--control-end", type=float, action="append", default=[], help="per control: last step, 0..1")
+    p.add_argument("--detect-resolution", type=int, action="append", default=[],
+                   help="per control: the annotator's resolution (short side, px)")
+    p.add_argument("--pixel-perfect", nargs="?", const="yes", action="append", default=[], choices=["yes", "no"],
+                   help="per control: annotator resolution from the output size (sd-webui-controlnet)")
+    p.add_argument("--guess-mode", action="store_true", help="follow the control without a prompt (every control)")
+    p.add_argument("--width", type=int, default=None, help="output width, a multiple of 8 (with --height)")
+    p.add_argument("--height", type=int, default=None, help="output height, a multiple of 8 (with --width)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger outputs")
+    p.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img: start from this picture")
+    p.add_argument("--denoising-strength", type=float, default=0.75,
+                   help="img2img: 0 returns the image, 1 ignores it (A1111/diffusers)")
+    p.add_argument("--mask", default=None, metavar="IMAGE", help="inpaint: white = repaint (needs --init-image)")
+    p.add_argument("--mask-blur", type=float, default=4.0, help="inpaint: Gaussian blur of the mask, px")
+    p.add_argument("--inpaint-fill", default="original", choices=[m.value for m in InpaintFill],
+                   help="inpaint: what the masked area starts from (A1111 'masked content')")
+    p.add_argument("--only-masked", action="store_true", help="inpaint the mask's box at full size, paste it back")
+    p.add_argument("--only-masked-padding", type=int, default=32, help="px around the mask with --only-masked")
+    p.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: upscale factor (1 = off)")
+    p.add_argument("--hires-steps", type=int, default=0, help="hires fix: steps of the second pass (0 = --steps)")
+    p.add_argument("--hires-denoising-strength", type=float, default=0.7, help="hires fix: denoising strength")
+    p.add_argument("--hires-upscaler", default="latent", choices=[m.value for m in Upscaler], help="hires fix upscaler")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="denoise and decode passes larger than this in tiles of this many px (bounded memory)")
+    p.add_argument("--tile-overlap", type=int, default=64, help="px of feathered overlap between tiles")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="a LoRA file (or a name in --lora-dir) and its weight (default 1); <lora:NAME:W> in the "
+                        "prompt works too")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR", help="where <lora:NAME> is looked up")
+    p.add_argument("--embeddings", action="append", default=[], metavar="PATH",
+                   help="textual-inversion files or folders, used by file name in the prompt")
     p.add_argument("--num-images", "-n", type=int, default=1, help="images per run (1..12)")
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
@@ -87,48 +124,88 @@ def _progress_bar(total: int):
     return bar, progress
 
 
-def _request_from_args(args, models):
+def _per_unit(values: list, i: int, default):
+    """Flag ``i`` of a repeatable per-control flag: its own value, else the first given, else ``default``."""
+    return values[i] if i < len(values) else (values[0] if values else default)
+
+
+def _read_inputs(args) -> dict:
+    """Every image the request needs, read before any model loads (a bad path fails at once)."""
     from ctrlnet.image import load_image
+
+    return {
+        "controls": [load_image(path, keep_alpha=True) for path in args.control],
+        "init_image": load_image(args.init_image) if args.init_image else None,
+        "mask": load_image(args.mask, keep_alpha=True) if args.mask else None,
+    }
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    name, sep, w = text.rpartition(":")
+    if sep and name and not (len(name) == 1 and name.isalpha()):  # C:\ on Windows is not a weight
+        try:
+            return name, float(w)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _request_from_args(args, models, inputs: dict):
     from ctrlnet.pipeline import ControlSpec, GenerationRequest
 
     controls = []
     names = list(models.controlnets)
-    for i, path in enumerate(args.control):
-        ann = args.annotator[i] if i < len(args.annotator) else (args.annotator[0] if args.annotator else None)
-        strength = args.strength[i] if i < len(args.strength) else (args.strength[0] if args.strength else 1.0)
-        controls.append(ControlSpec(image=load_image(path, keep_alpha=True), model=names[i] if i < len(names) else None,
-                                    annotator=None if ann in (None, "none") else ann, strength=strength))
+    for i, image in enumerate(inputs["controls"]):
+        ann = _per_unit(args.annotator, i, None)
+        controls.append(ControlSpec(
+            image=image, model=names[i] if i < len(names) else None,
+            annotator=None if ann in (None, "none") else ann, strength=_per_unit(args.strength, i, 1.0),
+            control_mode=_per_unit(args.control_mode, i, "balanced"),
+            resize_mode=_per_unit(args.resize_mode, i, "crop_and_resize"),
+            start=_per_unit(args.control_start, i, 0.0), end=_per_unit(args.control_end, i, 1.0),
+            detect_resolution=_per_unit(args.detect_resolution, i, None),
+            pixel_perfect=_per_unit(args.pixel_perfect, i, "no") == "yes",
+        ))
     return GenerationRequest(
         prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
         controls=controls, num_images=args.num_images,
         resolution=args.resolution or models.defaults.get("resolution", 512), steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, eta=args.eta, sampler=args.sampler,
-        schedule=args.schedule,
-        guess_mode=args.guess_mode, clip_skip=args.clip_skip,
+        schedule=args.schedule, guess_mode=args.guess_mode, clip_skip=args.clip_skip,
+        width=args.width, height=args.height, max_pixels=args.max_pixels,
+        init_image=inputs["init_image"], denoising_strength=args.denoising_strength, mask=inputs["mask"],
+        mask_blur=args.mask_blur, inpaint_fill=args.inpaint_fill, only_masked=args.only_masked,
+        only_masked_padding=args.only_masked_padding, hires_scale=args.hires_scale, hires_steps=args.hires_steps,
+        hires_denoising_strength=args.hires_denoising_strength, hires_upscaler=args.hires_upscaler,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap, loras=[_lora_arg(x) for x in args.lora],
     )
 
 
 def _cmd_generate(args) -> int:
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
-    from ctrlnet.interfaces.outputs import read_record, save_result
+    from ctrlnet.interfaces.outputs import check_output_dir, read_record, save_result
     from ctrlnet.pipeline import generate
 
+    check_output_dir(args.out)  # before models load: a bad --out must not cost a whole run
+    extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
     if args.from_png:
         rec = read_record(args.from_png)
         base = args.base if args.base is not None else rec.base
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
-        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=args.vae)
+        vae = args.vae if args.vae is not None else rec.vae
+        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae, **extra)
         req = rec.request
     else:
+        inputs = _read_inputs(args)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
-                            args.low_vram, args.parameterization, vae=args.vae)
-        req = _request_from_args(args, loaded.models)
+                            args.low_vram, args.parameterization, vae=args.vae, **extra)
+        req = _request_from_args(args, loaded.models, inputs)
     req.validate()
     bar, progress = _progress_bar(req.steps)
     with bar:
         result = generate(loaded.models, req, progress)
-    saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name)
+    saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name, vae=loaded.vae)
     for path in saved.images + saved.control_maps:
         print(path)
     print(f"seed: {result.seed}")

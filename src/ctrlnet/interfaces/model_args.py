@@ -59,13 +59,13 @@ class LoadedModels:
 
 
 def load_named(base: str | None, controlnets: dict[str, str], device="auto", dtype="auto", low_vram=False,
-               parameterization=None, vae: str | None = None) -> LoadedModels:
+               parameterization=None, vae: str | None = None, embeddings=(), lora_dirs=()) -> LoadedModels:
     """Load models by spec and remember the specs (paths absolute)."""
     from ctrlnet.interfaces.outputs import model_spec
     from ctrlnet.pipeline import DEMO_CONTROL, demo_dir, load_models
 
     models = load_models(base, dict(controlnets), device=device, dtype=dtype, low_vram=low_vram,
-                         parameterization=parameterization, vae=vae)
+                         parameterization=parameterization, vae=vae, embeddings=embeddings, lora_dirs=lora_dirs)
     specs = {k: model_spec(v) for k, v in controlnets.items()}
     if not specs and "demo" in models.controlnets and base in (None, "demo"):
         specs = {"demo": str(demo_dir() / DEMO_CONTROL)}

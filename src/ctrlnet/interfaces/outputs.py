@@ -44,6 +44,7 @@ class Record:
     base: str | None
     controlnets: dict[str, str]
     dtype: str | None
+    vae: str | None = None
 
 
 def model_spec(spec: str | None) -> str | None:
@@ -55,16 +56,43 @@ def model_spec(spec: str | None) -> str | None:
 
 def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[str, str],
                   dtype: str | None = None, control_files: list[str] = (),
-                  reference_files: dict[int, str] | None = None, k: int = 0) -> dict[str, str]:
+                  reference_files: dict[int, str] | None = None, k: int = 0, inputs: dict[str, str] | None = None,
+                  vae: str | None = None) -> dict[str, str]:
     """The PNG text chunks for image ``k`` of a result: ``parameters`` plus the extended ``ctrlnet``
     JSON, which records that image's own seed and ``num_images=1`` (so it is made again alone)."""
     meta = result_metadata(result, base or "demo", k)
     record = json.loads(meta[RECORD_KEY])
     record.update(base=base, controlnets=dict(controlnets), control_maps=list(control_files), dtype=dtype)
+    if inputs:
+        record["inputs"] = dict(inputs)  # the init image and mask, saved next to the image
+    if vae:
+        record["vae"] = vae
     if reference_files:
         record["references"] = {str(i): name for i, name in reference_files.items()}
     meta[RECORD_KEY] = json.dumps(record)
     return meta
+
+
+def check_output_dir(out_dir) -> Path:
+    """Make sure results can be written to ``out_dir`` before any work: refuse (ValueError naming the
+    cause) a path that is a file, lies under a file, or is a folder we cannot write to."""
+    import os
+    import tempfile
+
+    out = Path(out_dir).expanduser()
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"output folder {out} cannot be used: {p} is a file")
+        if p.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"output folder {out} is not writable ({e.strerror or e})") from None
+    return out
 
 
 def free_name(folder: Path, stem: str) -> Path:
@@ -78,7 +106,7 @@ def free_name(folder: Path, stem: str) -> Path:
 
 
 def save_result(result: GenerationResult, out_dir, base: str | None, controlnets: dict[str, str],
-                dtype: str | None = None) -> SavedResult:
+                dtype: str | None = None, vae: str | None = None) -> SavedResult:
     """Write control maps and images (``<seed>_control<i>.png``, ``<seed>_<i>.png``) to ``out_dir``.
 
     Existing files are never overwritten (a ``-1``, ``-2`` suffix is added).
@@ -89,8 +117,11 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
     refs = {i: save_image(c.reference, free_name(out, f"{result.seed}_reference{i}")).name
             for i, c in enumerate(result.request.controls) if c.reference is not None}
     names = [p.name for p in maps]
+    req = result.request
+    inputs = {key: save_image(arr, free_name(out, f"{result.seed}_{key}")).name
+              for key, arr in (("init_image", req.init_image), ("mask", req.mask)) if arr is not None}
     images = [save_image(img, free_name(out, f"{result.seed}_{i}"),
-                         result_chunks(result, base, controlnets, dtype, names, refs, k=i))
+                         result_chunks(result, base, controlnets, dtype, names, refs, k=i, inputs=inputs, vae=vae))
               for i, img in enumerate(result.images)]
     return SavedResult(images, maps)
 
@@ -148,12 +179,22 @@ def read_record(path) -> Record:
             raise ImageError(f"{path}: file name {name!r} in the record is not a plain file name")
         return load_image(path.parent / name)
 
-    images = [sibling(name) for name in files]
-    # the saved maps are the annotators' output: use them as they are
-    req["controls"] = [{**c, "annotator": None, "annotator_params": {}, "detect_resolution": None} for c in controls]
+    # the saved maps are the annotators' output: use them as they are (the inpaint unit's map is
+    # rebuilt from the init image and mask, which hold what its picture cannot: the -1 pixels)
+    images = [None if c.get("annotator") == "inpaint" else sibling(name) for c, name in zip(controls, files)]
+    req["controls"] = [c if c.get("annotator") == "inpaint" else
+                       {**c, "annotator": None, "annotator_params": {}, "detect_resolution": None,
+                        "pixel_perfect": False} for c in controls]
     request = request_from_dict(req, images, allow_server_fields=True)
+    saved_inputs = rec.get("inputs") or {}
+    if not isinstance(saved_inputs, dict) or set(saved_inputs) - {"init_image", "mask"}:
+        raise ImageError(f"{path}: the record's inputs are damaged")
+    if "init_image" in saved_inputs:
+        request.init_image = sibling(saved_inputs["init_image"])
+    if "mask" in saved_inputs:
+        request.mask = sibling(saved_inputs["mask"])[:, :, 0]
     for i, name in (rec.get("references") or {}).items():
         if not (str(i).isdigit() and int(i) < len(request.controls)):
             raise ImageError(f"{path}: the record has a reference for control {i!r}, which does not exist")
         request.controls[int(i)].reference = sibling(name)
-    return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"))
+    return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"), rec.get("vae"))

@@ -148,7 +148,7 @@ def control_from_dict(d: dict, index: int = 0, image=None) -> ControlSpec:
     return ControlSpec(image=image, **kw)
 
 
-def _loras(items) -> list[tuple[str, float]]:
+def _loras(items, names_only: bool = True) -> list[tuple[str, float]]:
     if not isinstance(items, list):
         raise ValueError("loras must be a list of [name, weight] pairs")
     out = []
@@ -156,6 +156,8 @@ def _loras(items) -> list[tuple[str, float]]:
         if not (isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str)
                 and isinstance(it[1], (int, float)) and not isinstance(it[1], bool)):
             raise ValueError(f"loras[{i}] must be a [name, weight] pair")
+        if not it[0] or names_only and (any(c in it[0] for c in "/\\:") or it[0].startswith(".")):
+            raise ValueError(f"loras[{i}]: a LoRA is named, not given by path (the server looks it up)")
         out.append((it[0], float(it[1])))
     return out
 
@@ -181,7 +183,7 @@ def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> 
         if t is None and k not in ("added_prompt", "negative_prompt"):
             continue  # null = the default
         kw[k] = t
-    kw["loras"] = _loras(d.get("loras") or [])
+    kw["loras"] = _loras(d.get("loras") or [], names_only=not allow_server_fields)
     controls = d.get("controls") or []
     if not isinstance(controls, list):
         raise ValueError("controls must be a list")

@@ -194,7 +194,7 @@ def run_tab(holder: ModelHolder, tab: TabSpec, outputs_dir, image, annotator: st
     try:
         req.validate()
         with holder.lock:
-            result = generate(models, req, report)
+            result = generate(models, req, report, allow_paths=False)
     except (ValueError, ImageError, FileNotFoundError) as e:
         raise gr.Error(str(e)) from None
     saved = save_result(result, outputs_dir, loaded.base, loaded.controlnets, loaded.dtype_name)

@@ -1,0 +1,136 @@
+"""`ctrlnet generate` with the workflow flags: img2img, inpaint, units, hires, tiles, LoRA by file and
+by prompt tag, records that make inpainted images again, and inputs checked before models load."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ctrlnet.interfaces.cli import main
+from ctrlnet.pipeline import GenerationRequest, generate, load_models
+
+
+def _write(path, img):
+    cv2.imwrite(str(path), img[:, :, ::-1] if img.ndim == 3 else img)
+    return str(path)
+
+
+def _picture(h=64, w=64):
+    rng = np.random.default_rng(0)
+    img = cv2.resize(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    cv2.circle(img, (w // 2, h // 2), min(h, w) // 4, (250, 40, 40), -1)
+    return img
+
+
+def _run(args, capsys):
+    rc = main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--device", "cpu", *args])
+    out = capsys.readouterr().out
+    return rc, out
+
+
+def test_inpaint_with_units_from_the_cli_and_made_again_from_its_png(tmp_path, capsys):
+    init = _write(tmp_path / "init.png", _picture())
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 20:50] = 255
+    m = _write(tmp_path / "mask.png", mask)
+    ring = np.zeros((48, 64, 3), np.uint8)
+    cv2.circle(ring, (32, 24), 15, (255, 255, 255), 2)
+    ctl = _write(tmp_path / "ring.png", ring)
+    torch.manual_seed(0)
+    rc, out = _run(["--prompt", "x", "--init-image", init, "--mask", m, "--mask-blur", "2", "--denoising-strength",
+                    "0.8", "--width", "64", "--height", "64", "--steps", "3", "--seed", "5", "--control", ctl,
+                    "--annotator", "none", "--control-mode", "prompt", "--resize-mode", "resize_and_fill",
+                    "--control-start", "0.2", "--sampler", "Euler a", "--out", str(tmp_path / "a")], capsys)
+    assert rc == 0
+    first = tmp_path / "a" / "5_0.png"
+    rec = json.loads(Image.open(first).info["ctrlnet"])
+    unit = rec["request"]["controls"][0]
+    assert (unit["control_mode"], unit["resize_mode"], unit["start"]) == ("prompt", "resize_and_fill", 0.2)
+    assert rec["inputs"] == {"init_image": "5_init_image.png", "mask": "5_mask.png"}
+    assert "Control Mode: prompt" in Image.open(first).info["parameters"]
+    a = np.asarray(Image.open(first))
+    outside = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), 2.0) < 1e-3
+    assert np.abs(a[outside].astype(int) - _picture()[outside]).max() <= 1
+    torch.manual_seed(0)
+    rc, _ = _run(["--from-png", str(first), "--out", str(tmp_path / "b")], capsys)
+    assert rc == 0
+    b = np.asarray(Image.open(tmp_path / "b" / "5_0.png"))
+    assert np.array_equal(a, b)
+
+
+def test_hires_and_tiles_from_the_cli(tmp_path, capsys):
+    rc, out = _run(["--prompt", "x", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1",
+                    "--hires-scale", "2", "--hires-steps", "2", "--hires-denoising-strength", "0.5",
+                    "--hires-upscaler", "lanczos", "--tile-size", "64", "--tile-overlap", "16",
+                    "--out", str(tmp_path)], capsys)
+    assert rc == 0
+    assert np.asarray(Image.open(tmp_path / "1_0.png")).shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("bad", ["file", "under_file"])
+def test_a_bad_output_folder_fails_before_models_load(tmp_path, capsys, monkeypatch, bad):
+    import ctrlnet.pipeline
+
+    monkeypatch.setattr(ctrlnet.pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    f = tmp_path / "taken"
+    f.write_text("x")
+    out = f if bad == "file" else f / "sub"
+    rc = main(["generate", "--prompt", "x", "--out", str(out)])
+    assert rc == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_missing_input_image_fails_before_models_load(tmp_path, capsys, monkeypatch):
+    import ctrlnet.pipeline
+
+    monkeypatch.setattr(ctrlnet.pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    rc = main(["generate", "--prompt", "x", "--init-image", str(tmp_path / "nope.png"), "--out", str(tmp_path)])
+    assert rc == 2
+    assert "nope.png" in capsys.readouterr().err
+
+
+def _lora_file(path, unet):
+    """A kohya LoRA on one attention projection of the tiny UNet (original module names)."""
+    w = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight
+    g = torch.Generator().manual_seed(2)
+    save_file({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, w.shape[1], generator=g),
+               "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(w.shape[0], 2, generator=g) * 3,
+               "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(2.0)}, str(path))
+    return path
+
+
+def test_lora_by_request_and_by_prompt_tag_for_this_call_only(tmp_path):
+    models = load_models("random:tiny-sd1", [], device="cpu", dtype="fp32", lora_dirs=[str(tmp_path)])
+    _lora_file(tmp_path / "style.safetensors", models.base.unet)
+    before = {k: v.clone() for k, v in models.base.unet.state_dict().items()}
+    req = GenerationRequest(prompt="x", added_prompt="", negative_prompt="", width=64, height=64, steps=2, seed=3)
+    plain = generate(models, req).images[0]
+    tagged = generate(models, GenerationRequest(**{**req.__dict__, "prompt": "x<lora:style:0.8>"})).images[0]
+    listed = generate(models, GenerationRequest(**{**req.__dict__, "loras": [("style", 0.8)]})).images[0]
+    zero = generate(models, GenerationRequest(**{**req.__dict__, "prompt": "x<lora:style:0>"})).images[0]
+    assert np.array_equal(tagged, listed)  # the tag is removed from the text and applied like the field
+    assert np.abs(tagged.astype(int) - plain).mean() > 1
+    assert np.array_equal(zero, plain)
+    assert all(torch.equal(v, models.base.unet.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(FileNotFoundError, match="'other' not found"):
+        generate(models, GenerationRequest(**{**req.__dict__, "prompt": "x <lora:other>"}))
+    with pytest.raises(FileNotFoundError):  # untrusted callers name LoRAs; no paths
+        generate(models, GenerationRequest(**{**req.__dict__, "loras": [(str(tmp_path / "style.safetensors"), 1)]}),
+                 allow_paths=False)
+
+
+def test_untrusted_dicts_name_loras_and_never_give_paths():
+    from ctrlnet.interfaces.request_io import request_from_dict
+
+    assert request_from_dict({"loras": [["style", 0.5]]}).loras == [("style", 0.5)]
+    for bad in ("../x", "/etc/passwd", "a/b", "C:x"):
+        with pytest.raises(ValueError, match="named, not given by path"):
+            request_from_dict({"loras": [[bad, 1]]})
+    unit = request_from_dict({"controls": [{"control_mode": "prompt"}]}, images=[np.zeros((8, 8, 3), np.uint8)])
+    assert unit.controls[0].control_mode.value == "prompt"
+    with pytest.raises(ValueError, match="choose one of"):
+        request_from_dict({"inpaint_fill": "paint"})
