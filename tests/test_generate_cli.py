@@ -134,3 +134,21 @@ def test_untrusted_dicts_name_loras_and_never_give_paths():
     assert unit.controls[0].control_mode.value == "prompt"
     with pytest.raises(ValueError, match="choose one of"):
         request_from_dict({"inpaint_fill": "paint"})
+
+
+def test_lora_flag_is_recorded_and_honoured_by_from_png(tmp_path, capsys):
+    from ctrlnet.pipeline import random_base
+
+    lora = _lora_file(tmp_path / "style.safetensors", random_base("tiny-sd1").unet)
+    args = ["--prompt", "x", "--width", "64", "--height", "64", "--steps", "2", "--seed", "9"]
+    torch.manual_seed(0)
+    assert _run([*args, "--lora", f"{lora}:0.7", "--out", str(tmp_path / "a")], capsys)[0] == 0
+    torch.manual_seed(0)
+    assert _run([*args, "--out", str(tmp_path / "plain")], capsys)[0] == 0
+    rec = json.loads(Image.open(tmp_path / "a" / "9_0.png").info["ctrlnet"])
+    assert rec["request"]["loras"] == [[str(lora.resolve()), 0.7]]
+    torch.manual_seed(0)
+    assert main(["generate", "--from-png", str(tmp_path / "a" / "9_0.png"), "--out", str(tmp_path / "b")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / d / "9_0.png")) for d in ("a", "b"))
+    plain = np.asarray(Image.open(tmp_path / "plain" / "9_0.png"))
+    assert np.array_equal(a, b) and np.abs(a.astype(int) - plain).mean() > 1

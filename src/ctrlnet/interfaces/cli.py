@@ -141,13 +141,16 @@ def _read_inputs(args) -> dict:
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` (weight 1 by default); a file path is made absolute so the PNG record finds it."""
     name, sep, w = text.rpartition(":")
-    if sep and name and not (len(name) == 1 and name.isalpha()):  # C:\ on Windows is not a weight
-        try:
-            return name, float(w)
-        except ValueError:
-            pass
-    return text, 1.0
+    try:
+        weight = float(w) if sep and name else None
+    except ValueError:
+        weight = None
+    if weight is None:
+        name, weight = text, 1.0
+    p = Path(name).expanduser()
+    return (str(p.resolve()) if p.is_file() else name), weight
 
 
 def _request_from_args(args, models, inputs: dict):
@@ -190,6 +193,7 @@ def _cmd_generate(args) -> int:
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
     if args.from_png:
         rec = read_record(args.from_png)
+        extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
         base = args.base if args.base is not None else rec.base
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
@@ -205,7 +209,8 @@ def _cmd_generate(args) -> int:
     bar, progress = _progress_bar(req.steps)
     with bar:
         result = generate(loaded.models, req, progress)
-    saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name, vae=loaded.vae)
+    saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name, vae=loaded.vae,
+                        extras=extra)
     for path in saved.images + saved.control_maps:
         print(path)
     print(f"seed: {result.seed}")

@@ -45,6 +45,8 @@ class Record:
     controlnets: dict[str, str]
     dtype: str | None
     vae: str | None = None
+    embeddings: list[str] = ()
+    lora_dirs: list[str] = ()
 
 
 def model_spec(spec: str | None) -> str | None:
@@ -57,7 +59,7 @@ def model_spec(spec: str | None) -> str | None:
 def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[str, str],
                   dtype: str | None = None, control_files: list[str] = (),
                   reference_files: dict[int, str] | None = None, k: int = 0, inputs: dict[str, str] | None = None,
-                  vae: str | None = None) -> dict[str, str]:
+                  vae: str | None = None, extras: dict | None = None) -> dict[str, str]:
     """The PNG text chunks for image ``k`` of a result: ``parameters`` plus the extended ``ctrlnet``
     JSON, which records that image's own seed and ``num_images=1`` (so it is made again alone)."""
     meta = result_metadata(result, base or "demo", k)
@@ -67,6 +69,9 @@ def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[
         record["inputs"] = dict(inputs)  # the init image and mask, saved next to the image
     if vae:
         record["vae"] = vae
+    for key, paths in (extras or {}).items():  # embeddings / lora_dirs: what the prompt's names refer to
+        if paths:
+            record[key] = [model_spec(p) for p in paths]
     if reference_files:
         record["references"] = {str(i): name for i, name in reference_files.items()}
     meta[RECORD_KEY] = json.dumps(record)
@@ -106,7 +111,7 @@ def free_name(folder: Path, stem: str) -> Path:
 
 
 def save_result(result: GenerationResult, out_dir, base: str | None, controlnets: dict[str, str],
-                dtype: str | None = None, vae: str | None = None) -> SavedResult:
+                dtype: str | None = None, vae: str | None = None, extras: dict | None = None) -> SavedResult:
     """Write control maps and images (``<seed>_control<i>.png``, ``<seed>_<i>.png``) to ``out_dir``.
 
     Existing files are never overwritten (a ``-1``, ``-2`` suffix is added).
@@ -121,7 +126,8 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
     inputs = {key: save_image(arr, free_name(out, f"{result.seed}_{key}")).name
               for key, arr in (("init_image", req.init_image), ("mask", req.mask)) if arr is not None}
     images = [save_image(img, free_name(out, f"{result.seed}_{i}"),
-                         result_chunks(result, base, controlnets, dtype, names, refs, k=i, inputs=inputs, vae=vae))
+                         result_chunks(result, base, controlnets, dtype, names, refs, k=i, inputs=inputs, vae=vae,
+                                       extras=extras))
               for i, img in enumerate(result.images)]
     return SavedResult(images, maps)
 
@@ -197,4 +203,5 @@ def read_record(path) -> Record:
         if not (str(i).isdigit() and int(i) < len(request.controls)):
             raise ImageError(f"{path}: the record has a reference for control {i!r}, which does not exist")
         request.controls[int(i)].reference = sibling(name)
-    return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"), rec.get("vae"))
+    return Record(request, rec.get("base"), dict(rec.get("controlnets") or {}), rec.get("dtype"), rec.get("vae"),
+                  list(rec.get("embeddings") or []), list(rec.get("lora_dirs") or []))
