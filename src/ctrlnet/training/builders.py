@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -62,17 +62,26 @@ def draw_fill50k(size: int, center: tuple[int, int], radius: int, circle_rgb, ba
 
 
 def make_fill50k(out, n: int, size: int = 512, seed: int = 0, colors: Mapping = COLORS,
-                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38) -> Path:
+                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38,
+                 pairs: Sequence[tuple[str, str]] | None = None) -> Path:
     """Write ``n`` fill50k-style examples under ``out`` and return the ``prompt.json`` path.
 
-    Each row also carries ``circle: [cx, cy, r]`` and the colour names, which
-    ``benchmarks/fidelity.py`` uses; the training data sets ignore extra keys.
+    Each example draws a (circle, background) pair uniformly from ``pairs`` (default: every pair
+    of ``colors`` far enough apart, :func:`~ctrlnet.training.colors.color_pairs`). Each row also
+    carries ``circle: [cx, cy, r]`` and the colour names, which ``benchmarks/fidelity.py`` uses;
+    the training data sets ignore extra keys. ValueError for an empty ``pairs`` or a pair naming
+    a colour ``colors`` lacks.
     """
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     out = Path(out)
     rng = np.random.default_rng(seed)
-    pairs = color_pairs(dict(colors))
+    pairs = color_pairs(dict(colors)) if pairs is None else [tuple(p) for p in pairs]
+    if not pairs:
+        raise ValueError("no colour pairs to draw from")
+    unknown = sorted({c for p in pairs for c in p} - set(colors))
+    if unknown:
+        raise ValueError(f"pairs name colours outside the vocabulary: {unknown[:5]}")
     rows = []
     width = len(str(n - 1))
     thickness = max(1, size // 64)
