@@ -77,6 +77,17 @@ def test_recipe_quick_build_resume_and_ship(tmp_path, capsys):
     shipped = ship(tmp_path / "run", tmp_path / "assets")
     net = load_reference_controlnet(shipped)
     assert net.ref_channels == 4 and shipped.stat().st_size < 15 * 2**20
+    # sampling defaults and the clip kind travel in the metadata (the recipe's default kind)
+    from safetensors import safe_open
+
+    from ctrlnet.checkpoints.defaults import read_defaults
+    from ctrlnet.colorize.recipe import CLIPS_KEY
+
+    assert read_defaults(shipped) == {"resolution": 64, "steps": 20, "guidance_scale": 1.0}
+    with safe_open(str(shipped), "pt") as f:
+        assert f.metadata()[CLIPS_KEY] == r.clips == "isoluminant"
+    with pytest.raises(SystemExit, match="clips"):  # other clips in the same folder are refused
+        build(tmp_path / "run", replace(r, clips="classic"), base="random:tiny-sd1", resume=True)
     # the fine-tuned autoencoder (the recipe's vae stage) travels with the net
     from safetensors.torch import load_file
 

@@ -1,4 +1,5 @@
-"""The recipe of the shipped reference colorizer: synthetic clips -> video pairs -> the base's
+"""The recipe of the shipped reference colorizer: synthetic clips (by default the isoluminant kind,
+where lightness cannot decide colour; :mod:`ctrlnet.colorize.synthetic`) -> video pairs -> the base's
 autoencoder fine-tuned on their frames -> a :class:`ReferenceControlNet` trained on the frozen
 demo UNet with the common training loop. The file holds the net and its autoencoder.
 
@@ -35,6 +36,9 @@ class ColorizeRecipe:
     (VAE 7.5 min, ControlNet 3.3 min). On 2 CPU threads the same run takes hours (resumable; not
     timed end to end): a 3000-step batch-4 VAE took 29 min there, with a chroma floor of 20.6, not 11.0."""
 
+    # "isoluminant": clips whose lightness levels each hold two hues (a lightness -> colour table
+    # fails on them); "classic": the first colorizer's clips; "mixed": every other clip of each
+    clips: str = "isoluminant"
     n_clips: int = 400
     n_heldout: int = 12
     clip_frames: int = 48
@@ -66,6 +70,17 @@ class ColorizeRecipe:
 
 
 HELDOUT_SEED = 1_000_003  # clip seeds seed + i for training, HELDOUT_SEED + i held out
+CLIP_MIXES = ("isoluminant", "classic", "mixed")
+CLIPS_KEY = "ctrlnet_colorize_clips"  # shipped-file metadata: the clip kind it was trained on
+
+
+def clip_kind(mix: str, i: int) -> str:
+    """The kind of clip ``i`` of a recipe whose ``clips`` setting is ``mix``."""
+    if mix not in CLIP_MIXES:
+        raise ValueError(f"clips must be one of {', '.join(CLIP_MIXES)}, got {mix!r}")
+    if mix == "mixed":
+        return ("isoluminant", "classic")[i % 2]
+    return mix
 
 
 def _log(msg: str) -> None:
@@ -74,7 +89,7 @@ def _log(msg: str) -> None:
 
 def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
     """Write the synthetic clips (H.264) once; returns (training, held-out) paths."""
-    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.synthetic import make_clip
     from ctrlnet.colorize.video import write_video
 
     made = []
@@ -85,7 +100,7 @@ def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
         for i in range(n):
             p = folder / f"clip_{i:05d}.mp4"
             if not p.is_file():
-                write_video(synthetic_clip(r.clip_frames, r.size, seed=seed0 + i), p, r.fps)
+                write_video(make_clip(clip_kind(r.clips, i), r.clip_frames, r.size, seed=seed0 + i), p, r.fps)
             paths.append(p)
         made.append(paths)
     return made[0], made[1]
@@ -140,12 +155,12 @@ def vae_chroma_error(vae, r: ColorizeRecipe, n_clips: int = 5, frames: int = 3) 
     """Chroma error (:func:`~ctrlnet.colorize.lab.chroma_error`) of the autoencoder's round trip,
     lightness merged back as at inference, on frames of held-out clips: the colorizer's floor."""
     from ctrlnet.colorize.lab import chroma_error, merge_luminance
-    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.synthetic import make_clip
 
     errs = []
     p = next(vae.parameters())
     for c in range(n_clips):
-        for f in synthetic_clip(frames, r.size, seed=HELDOUT_SEED + r.seed + c):
+        for f in make_clip(clip_kind(r.clips, c), frames, r.size, seed=HELDOUT_SEED + r.seed + c):
             x = torch.from_numpy(f.copy()).permute(2, 0, 1)[None].to(p) / 127.5 - 1.0
             y = vae.decode(vae.encode(x).mode() * vae.scale_factor).clamp(-1, 1)
             y = ((y[0].permute(1, 2, 0).float() + 1.0) * 127.5).round().byte().cpu().numpy()
@@ -249,7 +264,14 @@ def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", re
     """Run (or continue) every stage; returns the trained colorizer file (or, with
     ``until="pairs"``, the pairs folder: the data stages need no base model)."""
     out = prepare_build_dir(out, resume, recipe.threads)
-    (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
+    clip_kind(recipe.clips, 0)  # a bad setting fails before any work
+    rfile = out / "recipe.json"
+    if rfile.is_file():
+        stored = {"clips": "classic", **json.loads(rfile.read_text())}  # older builds: classic clips
+        changed = sorted(k for k in ("clips", "n_clips", "clip_frames", "size", "seed") if stored.get(k) != getattr(recipe, k))
+        if changed:
+            raise SystemExit(f"{out} was built from other clips ({', '.join(changed)}); use another folder")
+    rfile.write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
     train_videos, _ = stage_videos(out, recipe)
     data = stage_pairs(out, recipe, train_videos)
     if until == "pairs":
@@ -263,6 +285,7 @@ def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", re
 
 def ship(out, dest=None) -> Path:
     """Write the trained colorizer as fp16 into ``dest`` (default: the package's demo assets)."""
+    from ctrlnet.checkpoints.defaults import defaults_metadata
     from ctrlnet.checkpoints.save import read_config
     from ctrlnet.pipeline import demo_dir
 
@@ -273,7 +296,10 @@ def ship(out, dest=None) -> Path:
     net = load_reference_controlnet(src, base=config)
     vae = load_reference_vae(src, config)
     dest = Path(dest) if dest else demo_dir()
-    path = save_reference_controlnet(net, dest / TRAINED_FILE, config, dtype=torch.float16, vae=vae)
+    stored = json.loads((Path(out) / "recipe.json").read_text()) if (Path(out) / "recipe.json").is_file() else {}
+    defaults = {"resolution": int(stored.get("size", ColorizeRecipe.size)), "steps": 20, "guidance_scale": 1.0}
+    meta = {**defaults_metadata(defaults), CLIPS_KEY: str(stored.get("clips", "classic"))}
+    path = save_reference_controlnet(net, dest / TRAINED_FILE, config, dtype=torch.float16, vae=vae, metadata=meta)
     _log(f"shipped {path}: {path.stat().st_size / 2**20:.1f} MiB")
     return path
 
@@ -292,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vae-batch", type=int, default=None, help="override the VAE batch size")
     b.add_argument("--accelerator", action="store_true", help="train on CUDA/MPS where there is one")
     b.add_argument("--size", type=int, default=None, help="clip size in pixels (default 128)")
+    b.add_argument("--clips", choices=CLIP_MIXES, default=None,
+                   help="synthetic clip kind (default isoluminant; mixed: every other clip classic)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=["pairs"], default=None,
                    help="stop after the data stages (they need no base model)")
@@ -308,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         r = replace(r, cpu=not args.accelerator, **{k: v for k, v in overrides.items() if v is not None})
         if args.size is not None:
             r = replace(r, size=args.size)
+        if args.clips is not None:
+            r = replace(r, clips=args.clips)
         print(build(args.out, r, base=args.base, resume=args.resume, until=args.until))
     else:
         ship(args.out, args.dest)
