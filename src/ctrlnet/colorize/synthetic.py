@@ -246,9 +246,11 @@ def isoluminant_clip(n_frames: int, size: int = 128, seed: int = 0) -> list[np.n
     outline = np.full(3, 20.0) if rng.random() < 0.5 else np.full(3, 240.0)
     outline_px = max(1.0, size / 96)
     shapes = []
-    for _ in range(int(rng.integers(3, 7))):
-        fill, other = (b1, b2) if rng.random() < 0.5 else (b2, b1)
-        shapes.append(_IsoShape(rng, size, fill, other if rng.random() < 0.3 else None, outline, outline_px))
+    first = int(rng.integers(0, 2))
+    for k in range(int(rng.integers(3, 7))):  # fills alternate: both levels hold two hues
+        fill, other = (b1, b2) if (k + first) % 2 == 0 else (b2, b1)
+        striped = k >= 2 and rng.random() < 0.3  # the first two are solid: one of each level for sure
+        shapes.append(_IsoShape(rng, size, fill, other if striped else None, outline, outline_px))
     pan = rng.uniform(-0.4, 0.4, 2) * size / 128
     off = rng.uniform(0, size / 2, 2)
     frames = []
