@@ -98,3 +98,30 @@ def test_recipe_quick_build_resume_and_ship(tmp_path, capsys):
     tuned = load_file(str(tmp_path / "run" / "vae" / "vae.safetensors"))
     assert vae is not None and len(tuned) == len(vae.state_dict())
     assert all(torch.equal(v, tuned["first_stage_model." + k].half().float()) for k, v in vae.state_dict().items())
+
+
+def test_recipe_pairs_from_mixed_clips_each_kind_in_its_range(tmp_path):
+    """``clips="mixed"``: every other clip classic, each kind paired within its own similarity
+    range (PAIR_SIMILARITY), straight from the rendered frames (no video files)."""
+    from dataclasses import replace
+
+    from ctrlnet.colorize.pairs import frame_similarity
+    from ctrlnet.colorize.recipe import PAIR_SIMILARITY, ColorizeRecipe, build, clip_kind
+    from ctrlnet.colorize.synthetic import make_clip
+    from ctrlnet.training.builders import read_jsonl
+
+    r = replace(ColorizeRecipe().quick(), clips="mixed", n_clips=2, size=64)
+    assert [clip_kind("mixed", i) for i in range(3)] == ["isoluminant", "classic", "isoluminant"]
+    data = build(tmp_path / "run", r, until="pairs")
+    rows = read_jsonl(data / "prompt.json")
+    assert not (tmp_path / "run" / "videos").exists()
+    kinds = {row["source"].split("/")[0] for row in rows}
+    assert kinds == {"isoluminant", "classic"}
+    for row in rows:
+        kind = row["source"].split("/")[0]
+        i = int(row["video"].split("_")[1])
+        frames = make_clip(kind, r.clip_frames, r.size, seed=r.seed + i)
+        a, b = row["frames"]
+        lo, hi = PAIR_SIMILARITY[kind]
+        assert lo <= frame_similarity(frames[a], frames[b]) <= hi
+        assert (data / row["reference"]).is_file() and (data / row["target"]).is_file()

@@ -118,13 +118,13 @@ def _resize_short(img: np.ndarray, resolution: int | None) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * k)), max(1, round(h * k))), interpolation=interp)
 
 
-def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, min_gap: int = 3,
-                max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
+def frame_pairs(sources: Iterable[tuple[str, Iterable[np.ndarray]]], out, low: float = 0.94, high: float = 0.97,
+                min_gap: int = 3, max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
                 prompt: str = "", progress: bool = False) -> list[dict]:
-    """Write ``out/{reference,gray,color}/*.png`` and ``out/prompt.json`` for the pairs of
-    ``videos``; returns the rows (``source`` = gray target, ``target`` = colour target,
-    ``reference`` = colour reference, plus ``prompt``, ``similarity``, ``video``, ``frames``)."""
-    from ctrlnet.colorize.video import read_frames
+    """Write ``out/{reference,gray,color}/*.png`` and ``out/prompt.json`` for the pairs of each
+    ``(name, frames)`` source (RGB uint8 frames, streamed); returns the rows (``source`` = gray
+    target, ``target`` = colour target, ``reference`` = colour reference, plus ``prompt``,
+    ``similarity``, ``video`` (the name), ``frames``)."""
     from ctrlnet.image import save_image
     from ctrlnet.training.builders import write_jsonl
 
@@ -132,22 +132,31 @@ def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, mi
     for sub in ("reference", "gray", "color"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for k, video in enumerate(videos):
-        video = Path(video)
-        stem = f"{k:03d}_{video.stem}"
+    for k, (name, frames) in enumerate(sources):
+        stem = f"{k:03d}_{Path(str(name)).stem}"
 
-        def write(p: Pair, ref: np.ndarray, tgt: np.ndarray, stem=stem, video=video):
-            name = f"{stem}_{p.reference:06d}_{p.target:06d}.png"
+        def write(p: Pair, ref: np.ndarray, tgt: np.ndarray, stem=stem, name=name):
+            fname = f"{stem}_{p.reference:06d}_{p.target:06d}.png"
             ref, tgt = _resize_short(ref, resolution), _resize_short(tgt, resolution)
-            save_image(ref, out / "reference" / name)
-            save_image(to_gray(tgt), out / "gray" / name)
-            save_image(tgt, out / "color" / name)
-            rows.append({"source": f"gray/{name}", "target": f"color/{name}", "reference": f"reference/{name}",
-                         "prompt": prompt, "similarity": round(p.similarity, 5), "video": str(video),
+            save_image(ref, out / "reference" / fname)
+            save_image(to_gray(tgt), out / "gray" / fname)
+            save_image(tgt, out / "color" / fname)
+            rows.append({"source": f"gray/{fname}", "target": f"color/{fname}", "reference": f"reference/{fname}",
+                         "prompt": prompt, "similarity": round(p.similarity, 5), "video": str(name),
                          "frames": [p.reference, p.target]})
 
-        found = select_pairs(read_frames(video), low, high, min_gap, max_gap, stride, on_pair=write)
+        found = select_pairs(frames, low, high, min_gap, max_gap, stride, on_pair=write)
         if progress:
-            print(f"{video}: {len(found)} pairs", flush=True)
+            print(f"{name}: {len(found)} pairs", flush=True)
     write_jsonl(out / "prompt.json", rows)
     return rows
+
+
+def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, min_gap: int = 3,
+                max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
+                prompt: str = "", progress: bool = False) -> list[dict]:
+    """:func:`frame_pairs` of video files (decoded with PyAV, one at a time)."""
+    from ctrlnet.colorize.video import read_frames
+
+    return frame_pairs(((Path(v), read_frames(v)) for v in videos), out, low, high, min_gap, max_gap, stride,
+                       resolution, prompt, progress)

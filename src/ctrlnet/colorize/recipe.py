@@ -6,7 +6,8 @@ demo UNet with the common training loop. The file holds the net and its autoenco
     python -m ctrlnet.colorize.recipe build runs/colorize --resume --accelerator  # CUDA/MPS; CPU without it
     python -m ctrlnet.colorize.recipe ship runs/colorize            # -> src/ctrlnet/assets/demo/
 
-Stages keep their outputs in OUT (``videos/``, ``data/``, ``vae/``, ``latents.pt``, ``train/``); a
+Stages keep their outputs in OUT (``videos/`` with ``--through-codec``, ``data/``, ``vae/``, ``latents.pt``,
+``train/``); a
 finished stage is skipped on ``--resume`` and training continues from its newest checkpoint, so a killed
 run loses at most ``checkpoint_every`` steps. ``--quick`` is a minutes-long smoke run;
 ``--base random:tiny-sd1`` runs the recipe without the demo base (for tests).
@@ -32,20 +33,27 @@ TRAINED_FILE = "colorize_reference.safetensors"
 
 @dataclass(frozen=True)
 class ColorizeRecipe:
-    """Sizes and schedule: the defaults made the shipped file, on one H100 with ``--accelerator``
-    (VAE 7.5 min, ControlNet 3.3 min). On 2 CPU threads the same run takes hours (resumable; not
+    """Sizes and schedule. The shipped file of 2026-11-22 was made with these sizes from classic
+    clips through H.264 (``clips="classic", through_codec=True``) on one H100 with ``--accelerator``
+    (VAE 7.5 min, ControlNet 3.3 min); the defaults now train on isoluminant clips rendered
+    straight into pairs (no PyAV needed). On 2 CPU threads a run takes hours (resumable; not
     timed end to end): a 3000-step batch-4 VAE took 29 min there, with a chroma floor of 20.6, not 11.0."""
 
     # "isoluminant": clips whose lightness levels each hold two hues (a lightness -> colour table
     # fails on them); "classic": the first colorizer's clips; "mixed": every other clip of each
     clips: str = "isoluminant"
+    # True: clips go through H.264 files and back (the first colorizer's data, needs PyAV); False:
+    # pairs come straight from the rendered frames (as the benchmark sees them; no PyAV needed)
+    through_codec: bool = False
     n_clips: int = 400
     n_heldout: int = 12
     clip_frames: int = 48
     size: int = 128
     fps: int = 24
-    low: float = 0.94
-    high: float = 0.97
+    # pair similarity range (SSIM of lightness; ctrlnet.colorize.pairs); None: the clip kind's
+    # (PAIR_SIMILARITY): outlined isoluminant shapes lose similarity fast, so their range sits lower
+    low: float | None = None
+    high: float | None = None
     min_gap: int = 3
     max_gap: int = 24
     seed: int = 0
@@ -72,6 +80,16 @@ class ColorizeRecipe:
 HELDOUT_SEED = 1_000_003  # clip seeds seed + i for training, HELDOUT_SEED + i held out
 CLIP_MIXES = ("isoluminant", "classic", "mixed")
 CLIPS_KEY = "ctrlnet_colorize_clips"  # shipped-file metadata: the clip kind it was trained on
+# Similarity ranges per clip kind, chosen so pairs span a few to ~15 frames at 128 px (measured on
+# 8 clips of 48 frames: isoluminant 0.45-0.70 gives 12 pairs a clip, gaps 5 / 8 / 15 frames at the
+# 10th / 50th / 90th percentile; classic 0.94-0.97 is the first colorizer's range).
+PAIR_SIMILARITY = {"isoluminant": (0.45, 0.70), "classic": (0.94, 0.97)}
+
+
+def pair_range(r: "ColorizeRecipe", kind: str) -> tuple[float, float]:
+    """The similarity range for clips of ``kind``: the recipe's ``low``/``high`` where set."""
+    lo, hi = PAIR_SIMILARITY[kind]
+    return (r.low if r.low is not None else lo), (r.high if r.high is not None else hi)
 
 
 def clip_kind(mix: str, i: int) -> str:
@@ -106,13 +124,31 @@ def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
     return made[0], made[1]
 
 
-def stage_pairs(out: Path, r: ColorizeRecipe, videos: list[Path]) -> Path:
-    from ctrlnet.colorize.pairs import video_pairs
+def stage_pairs(out: Path, r: ColorizeRecipe) -> Path:
+    """Training triples from the training clips: through the video files of :func:`stage_videos`
+    (``through_codec``) or straight from the rendered frames."""
+    from ctrlnet.colorize.pairs import frame_pairs, video_pairs
+    from ctrlnet.colorize.synthetic import make_clip
+
+    from ctrlnet.training.builders import read_jsonl, write_jsonl
 
     data = out / "data" / "train"
     if not (data / "prompt.json").is_file():
-        rows = video_pairs(videos, data, r.low, r.high, r.min_gap, r.max_gap)
-        _log(f"{len(rows)} pairs from {len(videos)} clips")
+        kinds = sorted({clip_kind(r.clips, i) for i in range(r.n_clips)})
+        rows = []
+        for kind in kinds:  # each kind with its own similarity range, in its own subfolder
+            idx = [i for i in range(r.n_clips) if clip_kind(r.clips, i) == kind]
+            sub = data / kind
+            if r.through_codec:
+                videos, _ = stage_videos(out, r)
+                video_pairs([videos[i] for i in idx], sub, *pair_range(r, kind), r.min_gap, r.max_gap)
+            else:
+                clips = ((f"clip_{i:05d}", make_clip(kind, r.clip_frames, r.size, seed=r.seed + i)) for i in idx)
+                frame_pairs(clips, sub, *pair_range(r, kind), r.min_gap, r.max_gap)
+            for row in read_jsonl(sub / "prompt.json"):
+                rows.append({**row, **{k: f"{kind}/{row[k]}" for k in ("source", "target", "reference")}})
+        write_jsonl(data / "prompt.json", rows)
+        _log(f"{len(rows)} pairs from {r.n_clips} {r.clips} clips")
         if not rows:
             raise SystemExit("no pairs in the similarity range; widen --similarity")
     return data
@@ -268,12 +304,13 @@ def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", re
     rfile = out / "recipe.json"
     if rfile.is_file():
         stored = {"clips": "classic", **json.loads(rfile.read_text())}  # older builds: classic clips
-        changed = sorted(k for k in ("clips", "n_clips", "clip_frames", "size", "seed") if stored.get(k) != getattr(recipe, k))
+        stored.setdefault("through_codec", True)
+        changed = sorted(k for k in ("clips", "through_codec", "n_clips", "clip_frames", "size", "seed")
+                         if stored.get(k) != getattr(recipe, k))
         if changed:
             raise SystemExit(f"{out} was built from other clips ({', '.join(changed)}); use another folder")
     rfile.write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
-    train_videos, _ = stage_videos(out, recipe)
-    data = stage_pairs(out, recipe, train_videos)
+    data = stage_pairs(out, recipe)
     if until == "pairs":
         return data
     base_path = resolve_base(base)
@@ -320,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", type=int, default=None, help="clip size in pixels (default 128)")
     b.add_argument("--clips", choices=CLIP_MIXES, default=None,
                    help="synthetic clip kind (default isoluminant; mixed: every other clip classic)")
+    b.add_argument("--through-codec", action="store_true",
+                   help="pass the clips through H.264 files (PyAV), as the first colorizer's data")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=["pairs"], default=None,
                    help="stop after the data stages (they need no base model)")
@@ -338,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             r = replace(r, size=args.size)
         if args.clips is not None:
             r = replace(r, clips=args.clips)
+        if args.through_codec:
+            r = replace(r, through_codec=True)
         print(build(args.out, r, base=args.base, resume=args.resume, until=args.until))
     else:
         ship(args.out, args.dest)
