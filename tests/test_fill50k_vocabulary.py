@@ -76,6 +76,13 @@ def test_make_fill50k_draws_only_the_given_pairs(tmp_path):
     assert len({r["circle_color"] for r in rows}) > 60  # the whole vocabulary, not 20 names
     with pytest.raises(ValueError, match="outside the vocabulary"):
         make_fill50k(tmp_path / "x", 2, 32, pairs=[("red", "ultramarine")])
+    assert not (tmp_path / "x").exists()  # refused before the folder is claimed
+    # the pairs are part of the data set's settings: a resume with others is refused, with the same resumes
+    with pytest.raises(ValueError, match=r"cannot resume the data set .* \(pairs: now "):
+        make_fill50k(tmp_path / "t", 200, 32, seed=5, pairs=held, resume=True)
+    before = (tmp_path / "t" / "prompt.json").read_bytes()
+    make_fill50k(tmp_path / "t", 200, 32, seed=5, pairs=train, resume=True)
+    assert (tmp_path / "t" / "prompt.json").read_bytes() == before
 
 
 def test_basic20_pairs_are_the_first_models_rule():
