@@ -57,3 +57,34 @@ def test_cli_colorize_image_with_no_model_arguments(tmp_path):
     out = load_image(tmp_path / "out.png")
     assert out.shape == frames[3].shape
     assert chroma_error(out, frames[3]) < 0.5 * chroma_error(to_gray(frames[3]), frames[3])
+
+
+def _shipped_clips() -> str | None:
+    from safetensors import safe_open
+
+    from ctrlnet.colorize.recipe import CLIPS_KEY
+
+    if not default_colorizer().is_file():
+        return None
+    with safe_open(str(default_colorizer()), "pt") as f:
+        return (f.metadata() or {}).get(CLIPS_KEY)
+
+
+@pytest.mark.skipif(_shipped_clips() not in ("isoluminant", "mixed"),
+                    reason="the shipped colorizer predates the isoluminant clips (rebuild: README, recipes)")
+def test_shipped_colorizer_beats_nearest_luminance_where_lightness_cannot_decide(models):
+    """Isoluminant clips (each lightness level holds two hues): frames 5 and 10 after frame 0.
+    The issue's benchmark target is fixed mode >= 30% below nearest-L; here 15% (half that
+    margin). Tighten to the rebuilt model's measured numbers when it ships."""
+    from ctrlnet.colorize.synthetic import isoluminant_clip
+
+    errs, naive = [], []
+    for c in range(3):
+        frames = isoluminant_clip(11, 128, seed=SEED + 20 + c)
+        for t in (5, 10):
+            out = colorize_image(models, frames[t], frames[0], OPTS)
+            errs.append(chroma_error(out, frames[t]))
+            naive.append(chroma_error(transfer_by_luminance(frames[t], frames[0]), frames[t]))
+    err, base = float(np.mean(errs)), float(np.mean(naive))
+    print(f"colorizer {err:.2f}, nearest-L {base:.2f}")
+    assert err < 0.85 * base, (err, base)

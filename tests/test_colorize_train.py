@@ -77,6 +77,17 @@ def test_recipe_quick_build_resume_and_ship(tmp_path, capsys):
     shipped = ship(tmp_path / "run", tmp_path / "assets")
     net = load_reference_controlnet(shipped)
     assert net.ref_channels == 4 and shipped.stat().st_size < 15 * 2**20
+    # sampling defaults and the clip kind travel in the metadata (the recipe's default kind)
+    from safetensors import safe_open
+
+    from ctrlnet.checkpoints.defaults import read_defaults
+    from ctrlnet.colorize.recipe import CLIPS_KEY
+
+    assert read_defaults(shipped) == {"resolution": 64, "steps": 20, "guidance_scale": 1.0}
+    with safe_open(str(shipped), "pt") as f:
+        assert f.metadata()[CLIPS_KEY] == r.clips == "isoluminant"
+    with pytest.raises(SystemExit, match="clips"):  # other clips in the same folder are refused
+        build(tmp_path / "run", replace(r, clips="classic"), base="random:tiny-sd1", resume=True)
     # the fine-tuned autoencoder (the recipe's vae stage) travels with the net
     from safetensors.torch import load_file
 
@@ -87,3 +98,30 @@ def test_recipe_quick_build_resume_and_ship(tmp_path, capsys):
     tuned = load_file(str(tmp_path / "run" / "vae" / "vae.safetensors"))
     assert vae is not None and len(tuned) == len(vae.state_dict())
     assert all(torch.equal(v, tuned["first_stage_model." + k].half().float()) for k, v in vae.state_dict().items())
+
+
+def test_recipe_pairs_from_mixed_clips_each_kind_in_its_range(tmp_path):
+    """``clips="mixed"``: every other clip classic, each kind paired within its own similarity
+    range (PAIR_SIMILARITY), straight from the rendered frames (no video files)."""
+    from dataclasses import replace
+
+    from ctrlnet.colorize.pairs import frame_similarity
+    from ctrlnet.colorize.recipe import PAIR_SIMILARITY, ColorizeRecipe, build, clip_kind
+    from ctrlnet.colorize.synthetic import make_clip
+    from ctrlnet.training.builders import read_jsonl
+
+    r = replace(ColorizeRecipe().quick(), clips="mixed", n_clips=2, size=64)
+    assert [clip_kind("mixed", i) for i in range(3)] == ["isoluminant", "classic", "isoluminant"]
+    data = build(tmp_path / "run", r, until="pairs")
+    rows = read_jsonl(data / "prompt.json")
+    assert not (tmp_path / "run" / "videos").exists()
+    kinds = {row["source"].split("/")[0] for row in rows}
+    assert kinds == {"isoluminant", "classic"}
+    for row in rows:
+        kind = row["source"].split("/")[0]
+        i = int(row["video"].split("_")[1])
+        frames = make_clip(kind, r.clip_frames, r.size, seed=r.seed + i)
+        a, b = row["frames"]
+        lo, hi = PAIR_SIMILARITY[kind]
+        assert lo <= frame_similarity(frames[a], frames[b]) <= hi
+        assert (data / row["reference"]).is_file() and (data / row["target"]).is_file()

@@ -41,7 +41,7 @@ def test_colorize_image_keeps_size_and_lightness(models, clip):
     assert not np.array_equal(out, other)  # the reference matters
 
 
-@pytest.mark.parametrize("mode", ["fixed", "recursive"])
+@pytest.mark.parametrize("mode", ["fixed", "anchored", "recursive"])
 def test_video_modes_write_playable_file(models, clip, tmp_path, mode, monkeypatch):
     path, frames = clip
     refs = []
@@ -66,8 +66,57 @@ def test_video_modes_write_playable_file(models, clip, tmp_path, mode, monkeypat
     assert np.array_equal(refs[0], frames[0])
     if mode == "fixed":
         assert all(np.array_equal(r, frames[0]) for r in refs)
+    elif mode == "anchored":  # N = 10 (the default) on 3 frames: as recursive
+        assert all(np.array_equal(refs[i], results[i - 1]) for i in range(1, N))
     else:  # each frame after the previous result
         assert all(np.array_equal(refs[i], results[i - 1]) for i in range(1, N))
+
+
+def test_reference_source_table():
+    from ctrlnet.colorize.modes import reference_source
+
+    def table(mode, n=None, frames=7):
+        return "".join("F" if reference_source(i, mode, n) == "fixed" else "p" for i in range(frames))
+
+    assert table("fixed") == "FFFFFFF"
+    assert table("recursive") == "Fpppppp"
+    assert table("anchored", 3) == "FppFppF"
+    assert table("anchored", 1) == table("fixed") and table("anchored", 7) == table("recursive")
+    with pytest.raises(ValueError, match="anchor_every"):
+        reference_source(1, "anchored", 0)
+    with pytest.raises(ValueError, match="mode must be"):
+        reference_source(1, "sticky")
+
+
+def test_anchored_mode_uses_the_reference_every_n_frames(models, tmp_path, monkeypatch):
+    """N=1 gives fixed's frames exactly, N >= frames recursive's exactly; N=2 takes the reference at
+    frames 0 and 2 and the previous result at 1 (on a 5-frame clip: 0, 2, 4 and 1, 3)."""
+    from ctrlnet.image import load_image
+
+    frames = [f[:, :64] for f in synthetic_clip(5, 64, seed=12)]
+    path = tmp_path / "five.mp4"
+    write_video(frames, path, 10)
+
+    def run(mode, n=None, spy=None):
+        out = tmp_path / f"{mode}{n}.mp4"
+        video_job.colorize_video(models, path, frames[0], out, mode, OPTS, keep_frames=True, progress=False,
+                                 anchor_every=n)
+        return [load_image(p) for p in sorted((video_job.work_dir_for(out) / "frames").glob("*.png"))]
+
+    fixed, recursive = run("fixed"), run("recursive")
+    assert not all(np.array_equal(a, b) for a, b in zip(fixed[1:], recursive[1:]))  # the modes differ here
+    assert all(np.array_equal(a, b) for a, b in zip(run("anchored", 1), fixed))
+    assert all(np.array_equal(a, b) for a, b in zip(run("anchored", 5), recursive))
+    assert all(np.array_equal(a, b) for a, b in zip(run("anchored", 50), recursive))
+    refs = []
+    real = video_job.colorize_image
+    monkeypatch.setattr(video_job, "colorize_image", lambda m, f, ref, o: refs.append(ref.copy()) or real(m, f, ref, o))
+    got = run("anchored", 2)
+    assert len(refs) == 5
+    assert [np.array_equal(r, frames[0]) for r in refs] == [True, False, True, False, True]
+    assert np.array_equal(refs[1], got[0]) and np.array_equal(refs[3], got[2])
+    with pytest.raises(ValueError, match="anchored mode only"):
+        video_job.colorize_video(models, path, frames[0], tmp_path / "x.mp4", "fixed", OPTS, anchor_every=3)
 
 
 def test_video_resume_redoes_only_missing_frames(models, clip, tmp_path, monkeypatch):
@@ -108,7 +157,16 @@ def test_cli_builders(clip, tmp_path):
     assert args.func(args) == 0
     assert load_image(tmp_path / "o.png").shape == frames[2].shape
     args = parser.parse_args(["colorize", "video", str(path), "--reference", str(ref), "--mode", "recursive"])
-    assert (args.mode, args.guidance_scale, args.keep_luminance) == ("recursive", 1.0, True)
+    # steps and guidance: None = the colorizer file's (20 and 1 for the shipped one)
+    assert (args.mode, args.guidance_scale, args.steps, args.keep_luminance) == ("recursive", None, None, True)
+    args = parser.parse_args(["colorize", "video", str(path), "--reference", str(ref), "--mode", "anchored",
+                              "--anchor-every", "4"])
+    assert (args.mode, args.anchor_every) == ("anchored", 4)
+    for bad, msg in [(["--mode", "fixed", "--anchor-every", "4"], "applies to --mode anchored"),
+                     (["--mode", "anchored", "--anchor-every", "0"], "anchor_every >= 1")]:
+        args = parser.parse_args(["colorize", "video", str(path), "--reference", str(ref), *bad])
+        with pytest.raises(ValueError, match=msg):
+            args.func(args)  # refused before any model loads
     args = parser.parse_args(["data", "video-pairs", str(path), str(tmp_path / "pairs"), "--similarity", "0.5", "0.99",
                               "--min-gap", "2"])
     assert args.func(args) == 0

@@ -36,7 +36,24 @@ def test_quick_recipe_builds_resumes_and_ships(tmp_path):
     assert [p.name for p in shipped] == [BASE_FILE, CONTROL_FILE]
     assert sum(p.stat().st_size for p in shipped) < 30 * 2**20
 
+    from ctrlnet.checkpoints.defaults import read_defaults
+
+    want = {"resolution": 128, "steps": 20, "guidance_scale": 5.0, "vocabulary": "css"}
+    assert read_defaults(shipped[0]) == read_defaults(shipped[1]) == want
+    # the training data hold only training pairs of the whole vocabulary; the previews only held-out ones
+    from ctrlnet.training.builders import read_jsonl
+    from ctrlnet.training.colors import is_heldout_pair
+
+    rows = read_jsonl(run / "data" / "train" / "prompt.json")
+    assert not any(is_heldout_pair(x["circle_color"], x["background_color"]) for x in rows)
+    held = read_jsonl(run / "data" / "heldout" / "prompt.json")
+    assert all(is_heldout_pair(x["circle_color"], x["background_color"]) for x in held)
+    # another vocabulary in the same folder is refused before anything is rebuilt on other data
+    with pytest.raises(SystemExit, match="vocabulary"):
+        build(run, replace(r, vocabulary="basic20"), resume=True)
+
     models = load_models(str(shipped[0]), [str(shipped[1])], device="cpu")
+    assert {k: models.defaults[k] for k in want} == want  # load_models reads them for every surface
     assert models.config.schedule.parameterization == r.parameterization == "v"
     assert models.config.vae.scale_factor == pytest.approx(
         json.loads((run / "vae" / "DONE.json").read_text())["scale_factor"], rel=1e-3)

@@ -498,6 +498,47 @@ def test_video_pairs_resume_skips_finished_videos_and_ends_the_same(tmp_path, mo
     assert not (tmp_path / "part" / "progress").exists()
 
 
+def test_frame_pairs_resume_skips_finished_sources_without_rendering_them(tmp_path, monkeypatch):
+    # the colorize recipe's default path: clips rendered straight into pairs, one callable per clip
+    from ctrlnet.colorize import pairs
+    from ctrlnet.colorize.synthetic import synthetic_clip
+
+    rendered = []
+
+    def clip(seed):
+        rendered.append(seed)
+        return synthetic_clip(10, 32, seed=seed)
+
+    sources = [(f"clip_{s}", lambda s=s: clip(s)) for s in (1, 2, 3)]
+    kw = dict(low=0.0, high=1.0, min_gap=2, max_gap=4, settings={"seeds": [1, 2, 3]})
+    whole = pairs.frame_pairs(sources, tmp_path / "whole", **kw)
+    assert rendered == [1, 2, 3] and whole
+    real = pairs.select_pairs
+    calls = []
+
+    def interrupted(frames, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the job dies in the third clip
+        return real(frames, *a, **k)
+
+    monkeypatch.setattr(pairs, "select_pairs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pairs.frame_pairs(sources, tmp_path / "part", **kw)
+    assert sorted(p.name for p in (tmp_path / "part" / "progress").iterdir()) == ["000.jsonl", "001.jsonl"]
+    with pytest.raises(ValueError, match=r"seeds: now \[1, 2, 4\], recorded \[1, 2, 3\]"):
+        pairs.frame_pairs(sources, tmp_path / "part", **{**kw, "settings": {"seeds": [1, 2, 4]}}, resume=True)
+    monkeypatch.setattr(pairs, "select_pairs", real)
+    rendered.clear()
+    rows = pairs.frame_pairs(sources, tmp_path / "part", **kw, resume=True)
+    assert rendered == [3]  # the finished clips were not rendered again
+    assert rows == whole
+    assert (tmp_path / "part" / "prompt.json").read_bytes() == (tmp_path / "whole" / "prompt.json").read_bytes()
+    assert not (tmp_path / "part" / "progress").exists()
+    assert pairs.frame_pairs(sources, tmp_path / "part", **kw, resume=True) == whole  # finished: read back
+    assert rendered == [3]
+
+
 def test_recipe_build_folder_overwrite_moves_it_aside(tmp_path, capsys):
     from ctrlnet.training.run_folder import prepare_build_dir
 

@@ -118,7 +118,7 @@ def test_tabs_and_annotator_parameters_come_from_the_annotators(models, tmp_path
     assert [c for c in comps if getattr(c, "label", None) == "high threshold"][0].value == 200
     assert sum(isinstance(c, gr.Sketchpad) for c in comps) == 1
     res = [c for c in comps if getattr(c, "label", None) == "Image resolution"][0]
-    assert (res.minimum, res.maximum, res.step) == (256, 768, 64)
+    assert (res.minimum, res.maximum, res.step) == (64, 1024, 64)  # 128: the embedded models' size
     assert "weights dir" not in labels and "device" not in labels
     # the ControlNet menu of the scribble tab preselects the scribble net
     nets = [c for c in comps if getattr(c, "label", None) == "ControlNet"]

@@ -11,6 +11,7 @@ from ctrlnet.generation.bundle import (
     ORIGINAL_NEGATIVE_PROMPT,
     Models,
     demo_dir,
+    file_defaults,
     load_models,
     place_vae,
     random_base,
@@ -34,6 +35,6 @@ __all__ = [
     "DEMO_BASE", "DEMO_CONTROL", "MAX_SEED", "ORIGINAL_ADDED_PROMPT", "ORIGINAL_NEGATIVE_PROMPT",
     "ControlMode", "ControlSpec", "GenerationCancelled", "GenerationRequest", "GenerationResult",
     "InpaintFill", "Models", "Progress", "ResizeMode", "Upscaler", "decode_images", "demo_dir",
-    "encode_image", "encode_prompts", "generate", "load_models", "place_vae", "random_base",
+    "encode_image", "encode_prompts", "file_defaults", "generate", "load_models", "place_vae", "random_base",
     "random_controlnet", "result_metadata",
 ]

@@ -16,7 +16,7 @@ to move them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,61 +118,81 @@ def _resize_short(img: np.ndarray, resolution: int | None) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * k)), max(1, round(h * k))), interpolation=interp)
 
 
-PROGRESS = "progress"  # out/progress/<k>.jsonl: the rows of each finished video, until prompt.json is written
+PROGRESS = "progress"  # out/progress/<k>.jsonl: the rows of each finished source, until prompt.json is written
 
 
-def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, min_gap: int = 3,
-                max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
-                prompt: str = "", progress: bool = False, resume: bool = False, overwrite: bool = False,
-                say=print) -> list[dict]:
-    """Write ``out/{reference,gray,color}/*.png`` and ``out/prompt.json`` for the pairs of
-    ``videos``; returns the rows (``source`` = gray target, ``target`` = colour target,
-    ``reference`` = colour reference, plus ``prompt``, ``similarity``, ``video``, ``frames``).
+def frame_pairs(sources: Sequence[tuple[str, Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]]]], out,
+                low: float = 0.94, high: float = 0.97, min_gap: int = 3, max_gap: int = 30,
+                stride: int | None = None, resolution: int | None = None, prompt: str = "",
+                progress: bool = False, resume: bool = False, overwrite: bool = False,
+                settings: Mapping | None = None, inputs: Iterable = (), say=print) -> list[dict]:
+    """Write ``out/{reference,gray,color}/*.png`` and ``out/prompt.json`` for the pairs of each
+    ``(name, frames)`` source (RGB uint8 frames, streamed; ``frames`` may be a zero-argument
+    callable, called only for a source that is not finished yet); returns the rows (``source`` =
+    gray target, ``target`` = colour target, ``reference`` = colour reference, plus ``prompt``,
+    ``similarity``, ``video`` (the name), ``frames``).
 
-    Resumable by video: the rows of each finished video are kept in ``out/progress/`` until
-    ``prompt.json`` is written, and ``resume`` (same settings, see
-    :func:`~ctrlnet.training.run_folder.claim_job_folder`) skips those videos. A folder holding
+    Resumable by source: the rows of each finished source are kept in ``out/progress/`` until
+    ``prompt.json`` is written, and ``resume`` (same settings: the pair settings, the source names
+    and ``settings``, which says what the sources are; see
+    :func:`~ctrlnet.training.run_folder.claim_job_folder`) skips those sources. A folder holding
     earlier output needs ``resume`` or ``overwrite`` (``OutputInUse``, a ``ValueError``)."""
     import shutil
 
-    from ctrlnet.colorize.video import read_frames
     from ctrlnet.image import save_image
     from ctrlnet.training.builders import read_jsonl, write_jsonl
     from ctrlnet.training.run_folder import claim_job_folder
 
-    settings = {"builder": "video-pairs", "videos": [str(Path(v).resolve()) for v in videos],
-                "video_bytes": [Path(v).stat().st_size for v in videos], "similarity": [low, high],
-                "min_gap": min_gap, "max_gap": max_gap, "stride": stride, "resolution": resolution, "prompt": prompt}
-    out = claim_job_folder(out, settings, resume=resume, overwrite=overwrite, kind="data set", inputs=videos,
+    sources = list(sources)
+    record = {"builder": "frame-pairs", "sources": [str(name) for name, _ in sources], **(settings or {}),
+              "similarity": [low, high], "min_gap": min_gap, "max_gap": max_gap, "stride": stride,
+              "resolution": resolution, "prompt": prompt}
+    out = claim_job_folder(out, record, resume=resume, overwrite=overwrite, kind="data set", inputs=inputs,
                            say=say)
     if resume and (out / "prompt.json").is_file() and not (out / PROGRESS).exists():
         return read_jsonl(out / "prompt.json")  # finished already
     for sub in ("reference", "gray", "color", PROGRESS):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for k, video in enumerate(videos):
-        video = Path(video)
-        stem = f"{k:03d}_{video.stem}"
+    for k, (name, frames) in enumerate(sources):
+        stem = f"{k:03d}_{Path(str(name)).stem}"
         done = out / PROGRESS / f"{k:03d}.jsonl"
         if done.is_file():  # finished before an interruption
             rows += read_jsonl(done)
             continue
         first = len(rows)
 
-        def write(p: Pair, ref: np.ndarray, tgt: np.ndarray, stem=stem, video=video):
-            name = f"{stem}_{p.reference:06d}_{p.target:06d}.png"
+        def write(p: Pair, ref: np.ndarray, tgt: np.ndarray, stem=stem, name=name):
+            fname = f"{stem}_{p.reference:06d}_{p.target:06d}.png"
             ref, tgt = _resize_short(ref, resolution), _resize_short(tgt, resolution)
-            save_image(ref, out / "reference" / name)
-            save_image(to_gray(tgt), out / "gray" / name)
-            save_image(tgt, out / "color" / name)
-            rows.append({"source": f"gray/{name}", "target": f"color/{name}", "reference": f"reference/{name}",
-                         "prompt": prompt, "similarity": round(p.similarity, 5), "video": str(video),
+            save_image(ref, out / "reference" / fname)
+            save_image(to_gray(tgt), out / "gray" / fname)
+            save_image(tgt, out / "color" / fname)
+            rows.append({"source": f"gray/{fname}", "target": f"color/{fname}", "reference": f"reference/{fname}",
+                         "prompt": prompt, "similarity": round(p.similarity, 5), "video": str(name),
                          "frames": [p.reference, p.target]})
 
-        found = select_pairs(read_frames(video), low, high, min_gap, max_gap, stride, on_pair=write)
+        found = select_pairs(frames() if callable(frames) else frames, low, high, min_gap, max_gap, stride,
+                             on_pair=write)
         write_jsonl(done, rows[first:])
         if progress:
-            print(f"{video}: {len(found)} pairs", flush=True)
+            print(f"{name}: {len(found)} pairs", flush=True)
     write_jsonl(out / "prompt.json", rows)
     shutil.rmtree(out / PROGRESS)
     return rows
+
+
+def video_pairs(videos: Sequence, out, low: float = 0.94, high: float = 0.97, min_gap: int = 3,
+                max_gap: int = 30, stride: int | None = None, resolution: int | None = None,
+                prompt: str = "", progress: bool = False, resume: bool = False, overwrite: bool = False,
+                say=print) -> list[dict]:
+    """:func:`frame_pairs` of video files (decoded with PyAV, one at a time; a resumed run does
+    not decode the videos finished before). The job record names each video by resolved path and
+    size, so resuming with other files is refused."""
+    from ctrlnet.colorize.video import read_frames
+
+    settings = {"builder": "video-pairs", "videos": [str(Path(v).resolve()) for v in videos],
+                "video_bytes": [Path(v).stat().st_size for v in videos]}
+    return frame_pairs([(Path(v), lambda v=v: read_frames(v)) for v in videos], out, low, high, min_gap, max_gap,
+                       stride, resolution, prompt, progress, resume=resume, overwrite=overwrite,
+                       settings=settings, inputs=videos, say=say)

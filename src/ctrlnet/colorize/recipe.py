@@ -1,11 +1,13 @@
-"""The recipe of the shipped reference colorizer: synthetic clips -> video pairs -> the base's
+"""The recipe of the shipped reference colorizer: synthetic clips (by default the isoluminant kind,
+where lightness cannot decide colour; :mod:`ctrlnet.colorize.synthetic`) -> video pairs -> the base's
 autoencoder fine-tuned on their frames -> a :class:`ReferenceControlNet` trained on the frozen
 demo UNet with the common training loop. The file holds the net and its autoencoder.
 
     python -m ctrlnet.colorize.recipe build runs/colorize --resume --accelerator  # CUDA/MPS; CPU without it
     python -m ctrlnet.colorize.recipe ship runs/colorize            # -> src/ctrlnet/assets/demo/
 
-Stages keep their outputs in OUT (``videos/``, ``data/``, ``vae/``, ``latents.pt``, ``train/``); a
+Stages keep their outputs in OUT (``videos/`` with ``--through-codec``, ``data/``, ``vae/``, ``latents.pt``,
+``train/``); a
 finished stage is skipped on ``--resume`` and training continues from its newest checkpoint, so a killed
 run loses at most ``checkpoint_every`` steps. ``--quick`` is a minutes-long smoke run;
 ``--base random:tiny-sd1`` runs the recipe without the demo base (for tests).
@@ -31,17 +33,27 @@ TRAINED_FILE = "colorize_reference.safetensors"
 
 @dataclass(frozen=True)
 class ColorizeRecipe:
-    """Sizes and schedule: the defaults made the shipped file, on one H100 with ``--accelerator``
-    (VAE 7.5 min, ControlNet 3.3 min). On 2 CPU threads the same run takes hours (resumable; not
+    """Sizes and schedule. The shipped file of 2026-11-22 was made with these sizes from classic
+    clips through H.264 (``clips="classic", through_codec=True``) on one H100 with ``--accelerator``
+    (VAE 7.5 min, ControlNet 3.3 min); the defaults now train on isoluminant clips rendered
+    straight into pairs (no PyAV needed). On 2 CPU threads a run takes hours (resumable; not
     timed end to end): a 3000-step batch-4 VAE took 29 min there, with a chroma floor of 20.6, not 11.0."""
 
+    # "isoluminant": clips whose lightness levels each hold two hues (a lightness -> colour table
+    # fails on them); "classic": the first colorizer's clips; "mixed": every other clip of each
+    clips: str = "isoluminant"
+    # True: clips go through H.264 files and back (the first colorizer's data, needs PyAV); False:
+    # pairs come straight from the rendered frames (as the benchmark sees them; no PyAV needed)
+    through_codec: bool = False
     n_clips: int = 400
     n_heldout: int = 12
     clip_frames: int = 48
     size: int = 128
     fps: int = 24
-    low: float = 0.94
-    high: float = 0.97
+    # pair similarity range (SSIM of lightness; ctrlnet.colorize.pairs); None: the clip kind's
+    # (PAIR_SIMILARITY): outlined isoluminant shapes lose similarity fast, so their range sits lower
+    low: float | None = None
+    high: float | None = None
     min_gap: int = 3
     max_gap: int = 24
     seed: int = 0
@@ -66,6 +78,27 @@ class ColorizeRecipe:
 
 
 HELDOUT_SEED = 1_000_003  # clip seeds seed + i for training, HELDOUT_SEED + i held out
+CLIP_MIXES = ("isoluminant", "classic", "mixed")
+CLIPS_KEY = "ctrlnet_colorize_clips"  # shipped-file metadata: the clip kind it was trained on
+# Similarity ranges per clip kind, chosen so pairs span a few to ~15 frames at 128 px (measured on
+# 8 clips of 48 frames: isoluminant 0.45-0.70 gives 12 pairs a clip, gaps 5 / 8 / 15 frames at the
+# 10th / 50th / 90th percentile; classic 0.94-0.97 is the first colorizer's range).
+PAIR_SIMILARITY = {"isoluminant": (0.45, 0.70), "classic": (0.94, 0.97)}
+
+
+def pair_range(r: "ColorizeRecipe", kind: str) -> tuple[float, float]:
+    """The similarity range for clips of ``kind``: the recipe's ``low``/``high`` where set."""
+    lo, hi = PAIR_SIMILARITY[kind]
+    return (r.low if r.low is not None else lo), (r.high if r.high is not None else hi)
+
+
+def clip_kind(mix: str, i: int) -> str:
+    """The kind of clip ``i`` of a recipe whose ``clips`` setting is ``mix``."""
+    if mix not in CLIP_MIXES:
+        raise ValueError(f"clips must be one of {', '.join(CLIP_MIXES)}, got {mix!r}")
+    if mix == "mixed":
+        return ("isoluminant", "classic")[i % 2]
+    return mix
 
 
 def _log(msg: str) -> None:
@@ -74,7 +107,7 @@ def _log(msg: str) -> None:
 
 def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
     """Write the synthetic clips (H.264) once; returns (training, held-out) paths."""
-    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.synthetic import make_clip
     from ctrlnet.colorize.video import write_video
 
     made = []
@@ -85,19 +118,41 @@ def stage_videos(out: Path, r: ColorizeRecipe) -> tuple[list[Path], list[Path]]:
         for i in range(n):
             p = folder / f"clip_{i:05d}.mp4"
             if not p.is_file():
-                write_video(synthetic_clip(r.clip_frames, r.size, seed=seed0 + i), p, r.fps)
+                write_video(make_clip(clip_kind(r.clips, i), r.clip_frames, r.size, seed=seed0 + i), p, r.fps)
             paths.append(p)
         made.append(paths)
     return made[0], made[1]
 
 
-def stage_pairs(out: Path, r: ColorizeRecipe, videos: list[Path]) -> Path:
-    from ctrlnet.colorize.pairs import video_pairs
+def stage_pairs(out: Path, r: ColorizeRecipe) -> Path:
+    """Training triples from the training clips: through the video files of :func:`stage_videos`
+    (``through_codec``) or straight from the rendered frames."""
+    from ctrlnet.colorize.pairs import frame_pairs, video_pairs
+    from ctrlnet.colorize.synthetic import make_clip
+
+    from ctrlnet.training.builders import read_jsonl, write_jsonl
 
     data = out / "data" / "train"
     if not (data / "prompt.json").is_file():
-        rows = video_pairs(videos, data, r.low, r.high, r.min_gap, r.max_gap, resume=True)  # the build's own
-        _log(f"{len(rows)} pairs from {len(videos)} clips")
+        kinds = sorted({clip_kind(r.clips, i) for i in range(r.n_clips)})
+        rows = []
+        for kind in kinds:  # each kind with its own similarity range, in its own subfolder
+            idx = [i for i in range(r.n_clips) if clip_kind(r.clips, i) == kind]
+            sub = data / kind
+            if r.through_codec:
+                videos, _ = stage_videos(out, r)
+                # resume=True: the folder is the build's own, a killed stage continues by clip
+                video_pairs([videos[i] for i in idx], sub, *pair_range(r, kind), r.min_gap, r.max_gap, resume=True)
+            else:
+                clips = [(f"clip_{i:05d}", lambda i=i: make_clip(kind, r.clip_frames, r.size, seed=r.seed + i))
+                         for i in idx]  # rendered only for clips not paired before
+                frame_pairs(clips, sub, *pair_range(r, kind), r.min_gap, r.max_gap, resume=True,
+                            settings={"builder": "clip-pairs", "clips": kind, "clip_frames": r.clip_frames,
+                                      "size": r.size, "seeds": [r.seed + i for i in idx]})
+            for row in read_jsonl(sub / "prompt.json"):
+                rows.append({**row, **{k: f"{kind}/{row[k]}" for k in ("source", "target", "reference")}})
+        write_jsonl(data / "prompt.json", rows)
+        _log(f"{len(rows)} pairs from {r.n_clips} {r.clips} clips")
         if not rows:
             raise SystemExit("no pairs in the similarity range; widen --similarity")
     return data
@@ -140,12 +195,12 @@ def vae_chroma_error(vae, r: ColorizeRecipe, n_clips: int = 5, frames: int = 3) 
     """Chroma error (:func:`~ctrlnet.colorize.lab.chroma_error`) of the autoencoder's round trip,
     lightness merged back as at inference, on frames of held-out clips: the colorizer's floor."""
     from ctrlnet.colorize.lab import chroma_error, merge_luminance
-    from ctrlnet.colorize.synthetic import synthetic_clip
+    from ctrlnet.colorize.synthetic import make_clip
 
     errs = []
     p = next(vae.parameters())
     for c in range(n_clips):
-        for f in synthetic_clip(frames, r.size, seed=HELDOUT_SEED + r.seed + c):
+        for f in make_clip(clip_kind(r.clips, c), frames, r.size, seed=HELDOUT_SEED + r.seed + c):
             x = torch.from_numpy(f.copy()).permute(2, 0, 1)[None].to(p) / 127.5 - 1.0
             y = vae.decode(vae.encode(x).mode() * vae.scale_factor).clamp(-1, 1)
             y = ((y[0].permute(1, 2, 0).float() + 1.0) * 127.5).round().byte().cpu().numpy()
@@ -248,11 +303,20 @@ def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", re
           until: str | None = None, overwrite: bool = False) -> Path:
     """Run (or continue) every stage; returns the trained colorizer file (or, with
     ``until="pairs"``, the pairs folder: the data stages need no base model). A non-empty ``out``
-    needs ``resume`` or ``overwrite`` (moved aside; see ``prepare_build_dir``)."""
+    needs ``resume`` or ``overwrite`` (moved aside; see ``prepare_build_dir``); a resumed build
+    must have been made from the same clips."""
     out = prepare_build_dir(out, resume, recipe.threads, overwrite)
-    (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
-    train_videos, _ = stage_videos(out, recipe)
-    data = stage_pairs(out, recipe, train_videos)
+    clip_kind(recipe.clips, 0)  # a bad setting fails before any work
+    rfile = out / "recipe.json"
+    if rfile.is_file():
+        stored = {"clips": "classic", **json.loads(rfile.read_text())}  # older builds: classic clips
+        stored.setdefault("through_codec", True)
+        changed = sorted(k for k in ("clips", "through_codec", "n_clips", "clip_frames", "size", "seed")
+                         if stored.get(k) != getattr(recipe, k))
+        if changed:
+            raise SystemExit(f"{out} was built from other clips ({', '.join(changed)}); use another folder")
+    rfile.write_text(json.dumps({**asdict(recipe), "base": base}, indent=1))
+    data = stage_pairs(out, recipe)
     if until == "pairs":
         return data
     base_path = resolve_base(base)
@@ -264,6 +328,7 @@ def build(out, recipe: ColorizeRecipe = ColorizeRecipe(), base: str = "demo", re
 
 def ship(out, dest=None) -> Path:
     """Write the trained colorizer as fp16 into ``dest`` (default: the package's demo assets)."""
+    from ctrlnet.checkpoints.defaults import defaults_metadata
     from ctrlnet.checkpoints.save import read_config
     from ctrlnet.pipeline import demo_dir
 
@@ -274,7 +339,10 @@ def ship(out, dest=None) -> Path:
     net = load_reference_controlnet(src, base=config)
     vae = load_reference_vae(src, config)
     dest = Path(dest) if dest else demo_dir()
-    path = save_reference_controlnet(net, dest / TRAINED_FILE, config, dtype=torch.float16, vae=vae)
+    stored = json.loads((Path(out) / "recipe.json").read_text()) if (Path(out) / "recipe.json").is_file() else {}
+    defaults = {"resolution": int(stored.get("size", ColorizeRecipe.size)), "steps": 20, "guidance_scale": 1.0}
+    meta = {**defaults_metadata(defaults), CLIPS_KEY: str(stored.get("clips", "classic"))}
+    path = save_reference_controlnet(net, dest / TRAINED_FILE, config, dtype=torch.float16, vae=vae, metadata=meta)
     _log(f"shipped {path}: {path.stat().st_size / 2**20:.1f} MiB")
     return path
 
@@ -294,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vae-batch", type=int, default=None, help="override the VAE batch size")
     b.add_argument("--accelerator", action="store_true", help="train on CUDA/MPS where there is one")
     b.add_argument("--size", type=int, default=None, help="clip size in pixels (default 128)")
+    b.add_argument("--clips", choices=CLIP_MIXES, default=None,
+                   help="synthetic clip kind (default isoluminant; mixed: every other clip classic)")
+    b.add_argument("--through-codec", action="store_true",
+                   help="pass the clips through H.264 files (PyAV), as the first colorizer's data")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=["pairs"], default=None,
                    help="stop after the data stages (they need no base model)")
@@ -310,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         r = replace(r, cpu=not args.accelerator, **{k: v for k, v in overrides.items() if v is not None})
         if args.size is not None:
             r = replace(r, size=args.size)
+        if args.clips is not None:
+            r = replace(r, clips=args.clips)
+        if args.through_codec:
+            r = replace(r, through_codec=True)
         print(build(args.out, r, base=args.base, resume=args.resume, until=args.until, overwrite=args.overwrite))
     else:
         ship(args.out, args.dest)

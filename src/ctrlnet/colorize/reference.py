@@ -31,18 +31,31 @@ class ColorizeOptions:
 
     prompt: str = ""
     resolution: int | None = None  # short side; None: the model's native size
-    steps: int = 20
-    guidance_scale: float = 1.0
+    steps: int | None = None  # None: the colorizer file's default (20 for the shipped one)
+    guidance_scale: float | None = None  # None: the colorizer file's default (1.0 for the shipped one)
     seed: int = 0  # one seed for every frame of a video: steadier colours
     strength: float = 1.0
     sampler: str = "ddim"
     keep_luminance: bool = True
 
 
+# When neither the options nor the colorizer file say: one DDIM pass of 20 steps, no CFG.
+FALLBACK_STEPS, FALLBACK_GUIDANCE = 20, 1.0
+
+
+def colorizer_defaults(models: Models) -> dict:
+    """The sampling defaults of the loaded colorizer (its file's ``ctrlnet_defaults``; see
+    :func:`add_colorizer`), ``{}`` when none is loaded or it carries none."""
+    net = models.controlnets.get(COLORIZER)
+    return dict(getattr(net, "sampling_defaults", {}) or {})
+
+
 def native_resolution(models: Models) -> int:
-    """The size the base model was trained at (128 for the demo model, else 512)."""
-    if "resolution" in models.defaults:
-        return int(models.defaults["resolution"])
+    """The size the base model was trained at: the base file's default, else the colorizer's,
+    else 128 for the demo architecture and 512 otherwise."""
+    for d in (models.defaults, colorizer_defaults(models)):
+        if "resolution" in d:
+            return int(d["resolution"])
     return 128 if models.config.name == "demo" else 512
 
 
@@ -71,8 +84,11 @@ def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models
     carries its own autoencoder replaces ``models.base.vae`` with it (a new module: the old one,
     wherever else it is used, is left as it was).
     """
+    from ctrlnet.checkpoints.defaults import LEGACY_COLORIZER_DEFAULTS, read_defaults
+
     if colorizer == "random":
         net = random_colorizer(models)
+        net.sampling_defaults = {}
     else:
         path = Path(colorizer) if colorizer is not None else default_colorizer()
         if colorizer is None and not path.is_file():
@@ -83,6 +99,8 @@ def add_colorizer(models: Models, colorizer: str | Path | None = None) -> Models
         vae = load_reference_vae(path, models.config)
         if vae is not None:
             models.base = replace(models.base, vae=place_vae(models, vae))
+        # steps/guidance suit the colorizer, not the base's text prompts: kept on the net itself
+        net.sampling_defaults = read_defaults(path) or (LEGACY_COLORIZER_DEFAULTS if colorizer is None else {})
     models.controlnets[COLORIZER] = net.to(device=models.device, dtype=models.dtype).eval()
     return models
 
@@ -102,6 +120,10 @@ def colorize_image(models: Models, gray: np.ndarray, reference: np.ndarray,
     Returns (H, W, 3) uint8 at ``gray``'s size; with ``keep_luminance`` its Lab lightness equals
     the input's within one level.
     """
+    d = colorizer_defaults(models)
+    steps = options.steps if options.steps is not None else d.get("steps", FALLBACK_STEPS)
+    guidance = options.guidance_scale if options.guidance_scale is not None else d.get("guidance_scale",
+                                                                                      FALLBACK_GUIDANCE)
     src = HWC3(np.asarray(gray))
     hint = to_gray(src)  # (H, W, 3): the lightness as a gray image, as in training
     h, w = src.shape[:2]
@@ -109,8 +131,8 @@ def colorize_image(models: Models, gray: np.ndarray, reference: np.ndarray,
         prompt=options.prompt, added_prompt="", negative_prompt="",
         controls=[ControlSpec(image=hint, model=COLORIZER, reference=np.asarray(reference),
                               strength=options.strength)],
-        resolution=options.resolution or native_resolution(models), steps=options.steps,
-        guidance_scale=options.guidance_scale, seed=options.seed, sampler=options.sampler,
+        resolution=options.resolution or native_resolution(models), steps=steps,
+        guidance_scale=guidance, seed=options.seed, sampler=options.sampler,
     )
     out = generate(models, req, progress=progress).images[0]
     if options.keep_luminance:

@@ -143,15 +143,16 @@ def load_reference_controlnet(path, base: ModelConfig | None = None) -> Referenc
 
 
 def save_reference_controlnet(net: ReferenceControlNet, path, config: ModelConfig,
-                              dtype: torch.dtype | None = None, vae: torch.nn.Module | None = None) -> Path:
+                              dtype: torch.dtype | None = None, vae: torch.nn.Module | None = None,
+                              metadata: dict[str, str] | None = None) -> Path:
     """Write ``control_model.*`` (and, with ``vae``, the colorizer's own ``first_stage_model.*``)
-    with the base config and the model kind in the metadata."""
+    with the base config, the model kind and ``metadata`` (e.g. ``ctrlnet_defaults``) in the metadata."""
     from ctrlnet.checkpoints.save import PREFIXES, save_model_file
 
     parts = {PREFIXES["controlnet"]: net.state_dict()}
     if vae is not None:
         parts[PREFIXES["vae"]] = vae.state_dict()
-    return save_model_file(path, parts, config, {KIND_KEY: "reference"}, dtype=dtype)
+    return save_model_file(path, parts, config, {**(metadata or {}), KIND_KEY: "reference"}, dtype=dtype)
 
 
 def load_reference_vae(path, base: ModelConfig) -> AutoencoderKL | None:

@@ -2,8 +2,10 @@
 
 Modes: ``fixed`` colours every frame after the given reference; ``recursive`` colours frame 0
 after the reference and each later frame after the previous result (follows changes in the shot,
-but errors can accumulate). Finished frames are PNGs in a work folder next to the output
-(``OUT.work/``, with ``job.json`` describing the job); a rerun skips them, so an interrupted job
+but errors can accumulate); ``anchored`` is recursive but goes back to the given reference every
+``anchor_every`` frames (frames 0, N, 2N, ...), so drift lasts at most N - 1 frames. ``anchored``
+with N = 1 is ``fixed``; with N at least the frame count it is ``recursive``. Finished frames are
+PNGs in a work folder next to the output (``OUT.work/``, with ``job.json`` describing the job); a rerun skips them, so an interrupted job
 continues where it stopped. When all frames exist they are encoded at the source's frame rate
 and size, and the work folder is removed unless ``keep_frames``.
 
@@ -23,13 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from ctrlnet.atomic import remove_stale_temps
+from ctrlnet.colorize.modes import DEFAULT_ANCHOR_EVERY, MODES, reference_source  # noqa: F401 (MODES: re-export)
 from ctrlnet.colorize.reference import ColorizeOptions, colorize_image
 from ctrlnet.colorize.video import probe, read_frames, write_video
 from ctrlnet.image import HWC3, load_image, save_image
 from ctrlnet.pipeline import Models
 from ctrlnet.training.run_folder import check_output, json_values, read_job_record, write_job_record
-
-MODES = ("fixed", "recursive")
 
 
 def work_dir_for(out) -> Path:
@@ -37,8 +38,11 @@ def work_dir_for(out) -> Path:
     return out.with_name(out.name + ".work")
 
 
-def _job(input_path: Path, reference: np.ndarray, mode: str, options: ColorizeOptions, model: str) -> dict:
+def _job(input_path: Path, reference: np.ndarray, mode: str, options: ColorizeOptions, model: str,
+         anchor_every: int | None = None) -> dict:
     st = input_path.stat()
+    if mode == "anchored":
+        mode = f"anchored every {anchor_every}"
     return {"input": str(input_path.resolve()), "input_bytes": st.st_size, "mode": mode, "model": model,
             "reference_sha1": hashlib.sha1(np.ascontiguousarray(reference).tobytes()).hexdigest(),
             "options": asdict(options)}
@@ -47,23 +51,28 @@ def _job(input_path: Path, reference: np.ndarray, mode: str, options: ColorizeOp
 def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode: str = "fixed",
                    options: ColorizeOptions = ColorizeOptions(), work_dir=None, keep_frames: bool = False,
                    restart: bool = False, progress: bool = True, model_name: str = "",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, anchor_every: int | None = None) -> Path:
     """Colour every frame of ``input_path`` and write ``out``; returns ``out``.
 
+    ``mode`` is one of :data:`MODES` (see the module docstring); ``anchor_every`` is the anchored
+    mode's N (default :data:`DEFAULT_ANCHOR_EVERY`) and must be left out for the other modes.
     Raises ValueError when ``work_dir`` holds frames of a different job (another input,
     reference, mode or settings) unless ``restart``, which discards them; ``OutputInUse`` (a
     ValueError) when ``out`` exists and is not this job's, unless ``overwrite`` (moved aside).
     """
     from tqdm.auto import tqdm
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "anchored" and anchor_every is None:
+        anchor_every = DEFAULT_ANCHOR_EVERY
+    if mode != "anchored" and anchor_every is not None:
+        raise ValueError(f"anchor_every applies to the anchored mode only (mode is {mode!r})")
+    reference_source(0, mode, anchor_every)  # checks mode and anchor_every before any work
     input_path, out = Path(input_path), Path(out)
     info = probe(input_path)
     reference = HWC3(np.asarray(reference))
     work = Path(work_dir) if work_dir is not None else work_dir_for(out)
     frames_dir = work / "frames"
-    job = _job(input_path, reference, mode, options, model_name)
+    job = _job(input_path, reference, mode, options, model_name, anchor_every)
     job_file = work / "job.json"
     old = read_job_record(job_file) if not restart else None
     if old is not None and old != json_values(job):
@@ -93,10 +102,10 @@ def colorize_video(models: Models, input_path, reference: np.ndarray, out, mode:
         path = frames_dir / f"{i:06d}.png"
         if path.is_file():
             done_before += 1
-            if mode == "recursive":
-                prev = load_image(path)  # the next frame follows this one
+            if mode != "fixed":
+                prev = load_image(path)  # the next frame may follow this one
         else:
-            ref = reference if mode == "fixed" else prev
+            ref = reference if reference_source(i, mode, anchor_every) == "fixed" else prev
             result = colorize_image(models, frame, ref, options)
             save_image(result, path)  # atomic: a killed write leaves no partial frame
             prev = result

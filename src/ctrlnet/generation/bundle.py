@@ -37,7 +37,8 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     low_vram: bool = False
-    defaults: dict = field(default_factory=dict)  # default added/negative prompts for this model
+    # default added/negative prompts, and resolution/steps/guidance_scale/vocabulary from the files
+    defaults: dict = field(default_factory=dict)
     embeddings: dict = field(default_factory=dict)  # textual inversion: name -> Embedding (A1111 embeddings/)
     lora_dirs: list[Path] = field(default_factory=list)  # where <lora:NAME> and loras=[(NAME, w)] are looked up
 
@@ -69,6 +70,18 @@ class Models:
 
 def demo_dir() -> Path:
     return Path(str(resources.files("ctrlnet") / "assets" / "demo"))
+
+
+def file_defaults(base: str | None, controlnets: dict[str, str]) -> dict:
+    """Sampling defaults (resolution, steps, guidance_scale, vocabulary) stored in the model files
+    (:mod:`ctrlnet.checkpoints.defaults`); the embedded demo's files shipped before they carried
+    any get the settings they were trained and measured at. ``random:...`` ControlNets add nothing."""
+    from ctrlnet.checkpoints.defaults import LEGACY_DEMO_DEFAULTS, model_defaults
+
+    embedded = base in (None, "demo")
+    nets = [p for p in controlnets.values() if not str(p).startswith("random:")]
+    return model_defaults(demo_dir() / DEMO_BASE if embedded else base, nets,
+                          legacy=LEGACY_DEMO_DEFAULTS if embedded else None)
 
 
 def random_base(preset: str, seed: int = 0) -> BaseModels:
@@ -168,6 +181,7 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     defaults = {}
     if b.config.name.startswith(("sd15", "checkpoint:", "diffusers:")) and b.config.unet.context_dim in (768, 1024):
         defaults = {"added_prompt": ORIGINAL_ADDED_PROMPT, "negative_prompt": ORIGINAL_NEGATIVE_PROMPT}
+    defaults.update(file_defaults(base, named))  # resolution, steps, guidance the files carry
     models = Models(b, nets, dev, dt, low_vram, defaults, lora_dirs=[Path(d) for d in lora_dirs])
     if embeddings:
         from ctrlnet.generation.embeddings import load_embeddings

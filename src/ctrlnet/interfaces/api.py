@@ -33,7 +33,8 @@ from pydantic import BaseModel, Field
 from ctrlnet.image import ImageError, load_image, resize_image
 from ctrlnet.interfaces.limits import Limits
 from ctrlnet.interfaces.outputs import png_bytes, result_chunks
-from ctrlnet.interfaces.request_io import check_annotator_params, public_params, request_from_dict
+from ctrlnet.interfaces.request_io import (check_annotator_params, public_params, request_from_dict,
+                                           with_model_defaults)
 
 
 # ---- schema (documentation and response shapes) -----------------------------------------------
@@ -56,9 +57,9 @@ class GenerateBody(BaseModel):
     negative_prompt: Optional[str] = Field(None, description="null = the model's default")
     controls: list[ControlBody] = Field(default_factory=list)
     num_images: int = 1
-    resolution: int = 512
-    steps: int = 20
-    guidance_scale: float = 9.0
+    resolution: Optional[int] = Field(None, description="null = the model's (GET /v1/models: defaults), else 512")
+    steps: Optional[int] = Field(None, description="null = the model's, else 20")
+    guidance_scale: Optional[float] = Field(None, description="null = the model's, else 9")
     seed: int = Field(-1, description="-1 = random; the seed used is returned")
     eta: Optional[float] = Field(None, description="null = the sampler's (DDIM 0, ancestral/SDE samplers 1)")
     sampler: str = Field("ddim", description="a key or an A1111 name: \"Euler a\", \"DPM++ 2M Karras\", \"UniPC\"...")
@@ -290,7 +291,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
             if isinstance(v, str) and len(v) > limits.max_prompt_chars:
                 raise HTTPException(422, f"{k} is {len(v)} characters; the limit is {limits.max_prompt_chars}")
         try:
-            req = request_from_dict(data, images)
+            req = request_from_dict(with_model_defaults(data, models.defaults), images)
             req.validate(max_images=limits.max_images, max_resolution=limits.max_resolution,
                          max_steps=limits.max_steps)
         except (ValueError, KeyError) as e:

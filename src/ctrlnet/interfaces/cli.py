@@ -89,8 +89,9 @@ def _add_generate(sub) -> None:
                    help="textual-inversion files or folders, used by file name in the prompt")
     p.add_argument("--num-images", "-n", type=int, default=1, help="images per run (1..12)")
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--guidance-scale", "--scale", type=float, default=9.0, help="how strongly to follow the prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 20)")
+    p.add_argument("--guidance-scale", "--scale", type=float, default=None,
+                   help="how strongly to follow the prompt (default: the model's, else 9)")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one and reports it")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of DDIM and the ancestral/SDE samplers, 0..1; None: the sampler's (DDIM 0, others 1)")
@@ -172,9 +173,12 @@ def _request_from_args(args, models, inputs: dict):
     return GenerationRequest(
         prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
         controls=controls, num_images=args.num_images,
-        resolution=args.resolution or models.defaults.get("resolution", 512), steps=args.steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, eta=args.eta, sampler=args.sampler,
-        schedule=args.schedule, guess_mode=args.guess_mode, clip_skip=args.clip_skip,
+        resolution=args.resolution or models.defaults.get("resolution", 512),
+        steps=args.steps if args.steps is not None else models.defaults.get("steps", 20),
+        guidance_scale=(args.guidance_scale if args.guidance_scale is not None
+                        else models.defaults.get("guidance_scale", 9.0)),
+        seed=args.seed, eta=args.eta, sampler=args.sampler, schedule=args.schedule,
+        guess_mode=args.guess_mode, clip_skip=args.clip_skip,
         width=args.width, height=args.height, max_pixels=args.max_pixels,
         init_image=inputs["init_image"], denoising_strength=args.denoising_strength, mask=inputs["mask"],
         mask_blur=args.mask_blur, inpaint_fill=args.inpaint_fill, only_masked=args.only_masked,

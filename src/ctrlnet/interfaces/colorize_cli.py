@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ctrlnet.colorize.modes import DEFAULT_ANCHOR_EVERY, MODES, reference_source
+
 EXAMPLES_COLORIZE = """examples:
   ctrlnet colorize lineart drawing.png --controlnet control_v11p_sd15s2_lineart_anime.pth \\
       --base anything-v3-full.safetensors --prompt "1girl, red hair, school uniform"
   ctrlnet colorize image old_photo.png --reference color_still.png --out colored.png
-  ctrlnet colorize video film.mp4 --reference first_frame_colored.png --mode recursive --out colored.mp4
+  ctrlnet colorize video film.mp4 --reference first_frame_colored.png --mode anchored --anchor-every 10 \\
+      --out colored.mp4
 """
 
 
@@ -22,12 +25,16 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, guidance: float, steps: int = 20, seed: int = -1) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, guidance: float | None, steps: int | None = 20,
+                       seed: int = -1) -> None:
+    """``None`` defaults mean: the model file's (``ctrlnet_defaults``), else 20 steps / guidance 1."""
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default="", help="what the picture shows (optional)")
     g.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--guidance-scale", "--scale", type=float, default=guidance)
+    g.add_argument("--steps", type=int, default=steps,
+                   help="sampling steps" + (" (default: the colorizer's)" if steps is None else ""))
+    g.add_argument("--guidance-scale", "--scale", type=float, default=guidance,
+                   help="classifier-free guidance" + (" (default: the colorizer's)" if guidance is None else ""))
     g.add_argument("--strength", type=float, default=1.0, help="control strength, 0..2")
     g.add_argument("--seed", type=int, default=seed, help="-1 picks one" if seed == -1 else "noise seed")
     g.add_argument("--sampler", default="ddim", help="an A1111 name (\"Euler a\", \"DPM++ 2M Karras\"...) or a key")
@@ -80,18 +87,22 @@ def add_colorize_parser(subparsers) -> argparse.ArgumentParser:
     im.add_argument("input", help="grayscale (or colour: only its lightness is used) image")
     im.add_argument("--reference", required=True, help="colour image whose colours to use")
     im.add_argument("--out", default=None, help="output PNG (default: INPUT-colorized.png)")
-    _add_sampling_args(im, guidance=1.0, seed=0)
+    _add_sampling_args(im, guidance=None, steps=None, seed=0)
     _add_colorizer_args(im)
     im.set_defaults(func=_cmd_image)
 
     vi = sub.add_parser("video", help="colour a grayscale video after a colour reference (resumable)",
                         formatter_class=_Formatter,
                         description="fixed: every frame after --reference; recursive: frame 0 after --reference, "
-                                    "each later frame after the previous result. Frames go to a work folder "
+                                    "each later frame after the previous result; anchored: recursive, but frames "
+                                    "0, N, 2N... after --reference again (N = --anchor-every), so drift lasts "
+                                    "at most N-1 frames. Frames go to a work folder "
                                     "(OUT.work) first; rerunning the same command resumes.")
     vi.add_argument("input", help="video file")
     vi.add_argument("--reference", required=True, help="colour image (e.g. the first frame coloured)")
-    vi.add_argument("--mode", choices=["fixed", "recursive"], default="fixed")
+    vi.add_argument("--mode", choices=list(MODES), default="fixed")
+    vi.add_argument("--anchor-every", type=int, default=None, metavar="N",
+                    help=f"anchored mode: back to --reference every N frames (default {DEFAULT_ANCHOR_EVERY})")
     vi.add_argument("--out", default=None, help="output video (default: INPUT-colorized.mp4)")
     vi.add_argument("--work-dir", default=None, help="where finished frames wait (default: OUT.work)")
     vi.add_argument("--keep-frames", action="store_true", help="keep the work folder after writing the video")
@@ -99,7 +110,7 @@ def add_colorize_parser(subparsers) -> argparse.ArgumentParser:
     vi.add_argument("--overwrite", action="store_true",
                     help="replace an existing --out that is not this job's: it is moved aside to "
                          "STEM.replaced-YYYYMMDD-HHMMSS.EXT (nothing is deleted)")
-    _add_sampling_args(vi, guidance=1.0, seed=0)
+    _add_sampling_args(vi, guidance=None, steps=None, seed=0)
     _add_colorizer_args(vi)
     vi.set_defaults(func=_cmd_video)
     return p
@@ -199,13 +210,17 @@ def _cmd_video(args) -> int:
     from ctrlnet.colorize.video_job import colorize_video
     from ctrlnet.image import load_image
 
+    if args.anchor_every is not None and args.mode != "anchored":
+        raise ValueError(f"--anchor-every applies to --mode anchored (got --mode {args.mode})")
+    if args.mode == "anchored" and args.anchor_every is not None:
+        reference_source(0, args.mode, args.anchor_every)  # a bad N fails before the models load
     ref = load_image(args.reference)
     models = _load_colorizer(args)
     src = Path(args.input)
     out = Path(args.out) if args.out else src.with_name(src.stem + "-colorized.mp4")
     print(colorize_video(models, src, ref, out, args.mode, _options(args), work_dir=args.work_dir,
                          keep_frames=args.keep_frames, restart=args.restart, model_name=str(args.colorizer),
-                         overwrite=args.overwrite))
+                         overwrite=args.overwrite, anchor_every=args.anchor_every))
     return 0
 
 

@@ -162,6 +162,22 @@ def _loras(items, names_only: bool = True) -> list[tuple[str, float]]:
     return out
 
 
+# Request fields a model file may set defaults for (``Models.defaults``, from ``ctrlnet_defaults``).
+MODEL_DEFAULT_FIELDS = ("resolution", "steps", "guidance_scale")
+
+
+def with_model_defaults(d: dict, defaults: dict) -> dict:
+    """``d`` with the model's resolution, steps and guidance where ``d`` leaves them out or null
+    (a client that names them keeps its values). Other entries of ``defaults`` are ignored."""
+    if not isinstance(d, dict):
+        return d  # request_from_dict names the error
+    out = dict(d)
+    for k in MODEL_DEFAULT_FIELDS:
+        if out.get(k) is None and k in defaults:
+            out[k] = defaults[k]
+    return out
+
+
 def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> GenerationRequest:
     """A GenerationRequest from a dict shaped like :meth:`GenerationRequest.to_dict`.
 

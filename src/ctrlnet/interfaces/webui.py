@@ -17,7 +17,7 @@ import numpy as np
 
 from ctrlnet.interfaces.model_args import LoadedModels, load_named
 from ctrlnet.interfaces.outputs import save_result
-from ctrlnet.interfaces.request_io import public_params
+from ctrlnet.interfaces.request_io import MODEL_DEFAULT_FIELDS, public_params
 from ctrlnet.pipeline import MAX_SEED, ControlSpec, GenerationRequest, generate
 
 EMBEDDED = "embedded demo model"
@@ -236,6 +236,21 @@ def run_colorize(holder: ModelHolder, outputs_dir, gray, reference, opts: dict, 
     return image, str(path), seed
 
 
+def _model_option_defaults(holder: ModelHolder) -> dict:
+    """Resolution, steps and guidance from the models' files (``Models.defaults``): the loaded
+    models', or, when the embedded demo loads on first use, its files' (header read only)."""
+    if holder.loaded is not None:
+        md = holder.loaded.models.defaults
+    elif holder.loader is load_named:
+        from ctrlnet.pipeline import DEMO_BASE, DEMO_CONTROL, demo_dir, file_defaults
+
+        have = (demo_dir() / DEMO_BASE).is_file()
+        md = file_defaults(None, {"demo": str(demo_dir() / DEMO_CONTROL)}) if have else {}
+    else:  # a caller's own loader: its models are unknown until loaded
+        md = {}
+    return {k: md[k] for k in MODEL_DEFAULT_FIELDS if k in md}
+
+
 def _colorizer_loader(base, named, device, dtype) -> LoadedModels:
     from ctrlnet.colorize.reference import load_colorizer_models
 
@@ -311,9 +326,9 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
         holder = ModelHolder(None, models_or_loader, device, dtype)
     else:
         holder = ModelHolder(_as_loaded(models_or_loader), load_named, device, dtype)
-    d = {"steps": 20, "resolution": 512, "num_images": 1, "guidance_scale": 9.0, "strength": 1.0,
-         "detect_resolution": 512, "eta": 0.0, **(defaults or {})}
     loaded = holder.loaded
+    d = {"steps": 20, "resolution": 512, "num_images": 1, "guidance_scale": 9.0, "strength": 1.0,
+         "detect_resolution": 512, "eta": 0.0, **_model_option_defaults(holder), **(defaults or {})}
     net_names = list(loaded.models.controlnets) if loaded else []
     model_defaults = loaded.models.defaults if loaded else {}
     found_bases, found_nets = scan_models_dir(models_dir)
@@ -330,6 +345,7 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             load_btn = gr.Button("Load")
             model_status = gr.Markdown(f"Loaded ControlNets: {', '.join(net_names) or 'none yet'}")
         tab_net_dropdowns = []
+        model_sliders = []  # each tab's resolution, steps, guidance: reset to a newly loaded model's defaults
         for tab in TABS:
             with gr.Tab(tab.title, id=tab.key):
                 gr.Markdown(tab.help)
@@ -366,7 +382,7 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
                             opts = {
                                 "controlnet": net_dd,
                                 "num_images": gr.Slider(1, 12, value=d["num_images"], step=1, label="Images"),
-                                "resolution": gr.Slider(256, 768, value=d["resolution"], step=64,
+                                "resolution": gr.Slider(64, 1024, value=d["resolution"], step=64,
                                                         label="Image resolution"),
                                 "detect_resolution": gr.Slider(128, 1024, value=d["detect_resolution"], step=1,
                                                                label="Preprocessor resolution"),
@@ -384,6 +400,7 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
                                                               label="Negative prompt"),
                             }
                             opts["prompt"] = prompt
+                            model_sliders.extend(opts[k] for k in MODEL_DEFAULT_FIELDS)
                     with gr.Column():
                         cmap = gr.Image(label="Control map", type="numpy", interactive=False, format="png",
                                         elem_id=f"map-{tab.key}")
@@ -403,10 +420,14 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
                 raise gr.Error(str(e)) from None
             names = list(got.models.controlnets)
             ups = [gr.update(choices=names, value=_pick_controlnet(t, names)) for t, _ in tab_net_dropdowns]
-            return [f"Loaded ControlNets: {', '.join(names) or 'none'}", *ups]
+            fallback = {"resolution": 512, "steps": 20, "guidance_scale": 9.0, **(defaults or {})}
+            values = {k: got.models.defaults.get(k, fallback[k]) for k in MODEL_DEFAULT_FIELDS}
+            sliders = [gr.update(value=values[k]) for _ in TABS for k in MODEL_DEFAULT_FIELDS]
+            return [f"Loaded ControlNets: {', '.join(names) or 'none'}", *ups, *sliders]
 
         colorize_holder = ModelHolder(_as_loaded(colorizer), _colorizer_loader, device, dtype)
         _colorize_tab(colorize_holder, outputs_dir, d)
 
-        load_btn.click(on_load, [base_dd, nets_dd], [model_status, *[dd for _, dd in tab_net_dropdowns]])
+        load_btn.click(on_load, [base_dd, nets_dd],
+                       [model_status, *[dd for _, dd in tab_net_dropdowns], *model_sliders])
     return app

@@ -10,10 +10,11 @@ examples already written; ``overwrite`` moves the earlier folder aside.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -62,23 +63,36 @@ def draw_fill50k(size: int, center: tuple[int, int], radius: int, circle_rgb, ba
 
 
 def make_fill50k(out, n: int, size: int = 512, seed: int = 0, colors: Mapping = COLORS,
-                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38, resume: bool = False,
+                 min_radius_frac: float = 0.12, max_radius_frac: float = 0.38,
+                 pairs: Sequence[tuple[str, str]] | None = None, resume: bool = False,
                  overwrite: bool = False, say=print) -> Path:
     """Write ``n`` fill50k-style examples under ``out`` and return the ``prompt.json`` path.
 
-    Each row also carries ``circle: [cx, cy, r]`` and the colour names, which
-    ``benchmarks/fidelity.py`` uses; the training data sets ignore extra keys. Every example is a
-    pure function of (settings, index), so ``resume`` writes only the missing images and ends with
-    the same files as an uninterrupted build. Raises ``OutputInUse`` (a ``ValueError``) for a
-    folder that holds an earlier build, unless ``resume`` or ``overwrite``.
+    Each example draws a (circle, background) pair uniformly from ``pairs`` (default: every pair
+    of ``colors`` far enough apart, :func:`~ctrlnet.training.colors.color_pairs`). Each row also
+    carries ``circle: [cx, cy, r]`` and the colour names, which ``benchmarks/fidelity.py`` uses;
+    the training data sets ignore extra keys. Every example is a pure function of (settings,
+    index), so ``resume`` writes only the missing images and ends with the same files as an
+    uninterrupted build. ValueError for an empty ``pairs`` or a pair naming a colour ``colors``
+    lacks; ``OutputInUse`` (a ``ValueError``) for a folder that holds an earlier build, unless
+    ``resume`` or ``overwrite``.
     """
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    given = None if pairs is None else [tuple(p) for p in pairs]
+    pairs = color_pairs(dict(colors)) if given is None else given
+    if not pairs:
+        raise ValueError("no colour pairs to draw from")
+    unknown = sorted({c for p in pairs for c in p} - set(colors))
+    if unknown:
+        raise ValueError(f"pairs name colours outside the vocabulary: {unknown[:5]}")
+    # pairs=None is recorded as such (the default pairs follow from the colours); given pairs by a
+    # digest, as a vocabulary's thousands of pairs would swell the record
+    digest = None if given is None else hashlib.sha256(json.dumps(given).encode()).hexdigest()[:16]
     settings = {"builder": "fill50k", "n": n, "size": size, "seed": seed, "colors": dict(colors),
-                "radius": [min_radius_frac, max_radius_frac]}
+                "radius": [min_radius_frac, max_radius_frac], "pairs": digest}
     out = claim_job_folder(out, settings, resume=resume, overwrite=overwrite, kind="data set", say=say)
     rng = np.random.default_rng(seed)
-    pairs = color_pairs(dict(colors))
     rows = []
     width = len(str(n - 1))
     thickness = max(1, size // 64)

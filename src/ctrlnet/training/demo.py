@@ -1,12 +1,17 @@
-"""The recipe of the embedded default model: fill50k-style data -> VAE -> latent-diffusion base
--> ControlNet on the frozen base, all from scratch on a CPU, resumable at any point.
+"""The recipe of the embedded default model: fill50k-style data over the CSS colour vocabulary ->
+VAE -> latent-diffusion base (UNet and text encoder, from scratch) -> ControlNet on the frozen
+base, resumable at any point.
 
-    python -m ctrlnet.training.demo build runs/demo --resume --threads 2
+    python -m ctrlnet.training.demo build runs/demo --resume --accelerator   # one GPU: minutes
+    python -m ctrlnet.training.demo build runs/demo --resume --threads 2     # 2-core CPU: hours, resumable
     python -m ctrlnet.training.demo ship runs/demo            # -> src/ctrlnet/assets/demo
 
 Each stage keeps its own run folder with checkpoints; a finished stage writes ``DONE.json`` and
 is skipped on ``--resume``; an unfinished one continues from its newest checkpoint, so a killed
-process loses at most ``checkpoint_every`` steps.
+process loses at most ``checkpoint_every`` steps. The data are the 140 CSS/X11 colour names
+(:mod:`ctrlnet.training.colors`) in pairs at least Delta E 40 apart, minus the held-out pairs
+``benchmarks/fidelity.py`` scores; the text encoder (CLIP layout, BPE vocabulary, 3 layers of
+width 48) trains from scratch with the UNet, so it learns every colour word from the prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from ctrlnet.config import DEMO, ModelConfig
 from ctrlnet.training.builders import make_fill50k
+from ctrlnet.training.colors import VOCABULARIES, basic20_pairs, color_pairs, split_pairs, vocabulary
 from ctrlnet.training.data import LatentDataset, collate, prompt_json_dataset
 from ctrlnet.training.loop import TrainConfig, export_result, train
 from ctrlnet.training.models import TrainModels, build_models, load_model_file
@@ -34,14 +40,21 @@ CONTROL_FILE = "demo_control_fill50k.safetensors"
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    """Sizes and schedules of the demo build (about 2.5 hours on two threads)."""
+    """Sizes and schedules of the demo build.
 
-    n_train: int = 4000
+    Sized for one GPU with ``--accelerator`` (about 9 minutes on an H100/H200, estimated from the
+    colorizer recipe's measured 75-82 ms a step there; the stages here have the same per-step
+    overheads). On a 2-core CPU the same recipe takes many hours (the 20-colour recipe's
+    15,000 smaller steps took 2.5 hours); it resumes across restarts.
+    """
+
+    vocabulary: str = "css"  # ctrlnet.training.colors.VOCABULARIES
+    n_train: int = 10000
     n_heldout: int = 50
     size: int = 128
     seed: int = 0
-    vae_steps: int = 6000
-    vae_batch: int = 4
+    vae_steps: int = 1500
+    vae_batch: int = 16
     vae_lr: float = 5e-4
     vae_crop: int = 64
     vae_kl: float = 1e-6
@@ -50,24 +63,37 @@ class DemoRecipe:
     # base learns to read colours off the noisy latent instead of the prompt; v's target there is
     # the clean latent itself, which has to come from the prompt
     parameterization: str = "v"
-    base_steps: int = 5000
-    base_batch: int = 32
+    # 140 names: each appears in about 1 prompt in 70, so the base sees ~7,000 uses of each
+    # (the 20-colour recipe: 5000 x 32 samples, ~16,000 each of 20 names)
+    base_steps: int = 4000
+    base_batch: int = 128
     base_lr: float = 3e-4
     base_prompt_dropout: float = 0.1
     base_ema: float = 0.999
-    cn_steps: int = 4000
-    cn_batch: int = 16
+    cn_steps: int = 1500
+    cn_batch: int = 64
     cn_lr: float = 1e-4
     cn_prompt_dropout: float = 0.5
     cn_ema: float = 0.99
     checkpoint_every: int = 100
+    milestone_every: int = 250  # ControlNet checkpoints kept for the IoU-against-steps curve
     sample_every: int = 500
     threads: int = 1
+    cpu: bool = True  # False: train on the accelerator (CUDA, MPS) where there is one
+    # sampling defaults written into the shipped files (ctrlnet_defaults): what the benchmark uses
+    sample_steps: int = 20
+    guidance_scale: float = 5.0
 
     def quick(self) -> "DemoRecipe":
         """A minutes-long smoke version of the same recipe."""
         return replace(self, n_train=64, n_heldout=8, vae_steps=4, base_steps=4, cn_steps=4,
-                       vae_batch=2, base_batch=4, cn_batch=4, checkpoint_every=2, sample_every=4)
+                       vae_batch=2, base_batch=4, cn_batch=4, checkpoint_every=2, milestone_every=2,
+                       sample_every=4)
+
+    def defaults(self) -> dict:
+        """The ``ctrlnet_defaults`` the shipped files carry."""
+        return {"resolution": self.size, "steps": self.sample_steps, "guidance_scale": self.guidance_scale,
+                "vocabulary": self.vocabulary}
 
 
 def _done(stage_dir: Path) -> dict | None:
@@ -85,13 +111,30 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def recipe_pairs(r: DemoRecipe) -> tuple[dict, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(colours, training pairs, held-out pairs) of the recipe's vocabulary. The 20-colour
+    vocabulary keeps its first recipe's pairs (all of them train) so that build is reproduced."""
+    colors = vocabulary(r.vocabulary)
+    if r.vocabulary == "basic20":
+        pairs = basic20_pairs()
+        return colors, pairs, pairs
+    train_pairs, held_pairs = split_pairs(color_pairs(colors))
+    return colors, train_pairs, held_pairs
+
+
 def stage_data(out: Path, r: DemoRecipe) -> tuple[Path, Path]:
+    """Training examples from the training pairs; the previews' held-out examples from the
+    held-out pairs (another seed)."""
     train_dir, held_dir = out / "data" / "train", out / "data" / "heldout"
+    colors, train_pairs, held_pairs = recipe_pairs(r)
     if not (train_dir / "prompt.json").is_file():
-        _log(f"writing {r.n_train} training examples at {r.size}px")
-        make_fill50k(train_dir, r.n_train, r.size, seed=r.seed, resume=True)  # the build's own folder
+        _log(f"writing {r.n_train} training examples at {r.size}px: {len(colors)} colours, "
+             f"{len(train_pairs)} training pairs ({len(held_pairs)} held out)")
+        make_fill50k(train_dir, r.n_train, r.size, seed=r.seed, colors=colors, pairs=train_pairs,
+                     resume=True)  # the build's own folder
     if not (held_dir / "prompt.json").is_file():
-        make_fill50k(held_dir, r.n_heldout, r.size, seed=r.seed + 100_003, resume=True)
+        make_fill50k(held_dir, r.n_heldout, r.size, seed=r.seed + 100_003, colors=colors, pairs=held_pairs,
+                     resume=True)
     return train_dir, held_dir
 
 
@@ -134,12 +177,12 @@ def stage_vae(out: Path, r: DemoRecipe, train_dir: Path, held_dir: Path, config:
     models.unet = None  # the VAE stage needs only the VAE; the text tower is built for the file
     cfg = TrainConfig(mode="vae", steps=r.vae_steps, batch_size=r.vae_batch, lr=r.vae_lr, kl_weight=r.vae_kl,
                       warmup_steps=50, lr_decay="cosine", checkpoint_every=r.checkpoint_every, keep_last=2,
-                      sample_every=r.sample_every, seed=r.seed, cpu=True)
+                      sample_every=r.sample_every, seed=r.seed, cpu=r.cpu)
     _log(f"VAE: {cfg.steps} steps of {cfg.batch_size} {r.vae_crop}px crops")
     res = train(models, ds, cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
     if res.step < cfg.steps:
         raise SystemExit(f"VAE stage stopped at step {res.step}; rerun with --resume")
-    models.vae.eval()
+    models.vae.cpu().eval()  # the measurements below run on the CPU
     # a new latent space: unit-variance latents, as LDM sets ``scale_factor``
     scale = latent_scale(models, train_dir)
     config = config.with_(vae=replace(config.vae, scale_factor=round(scale, 5)))
@@ -170,18 +213,22 @@ def _load_vae(path: Path):
 
 
 @torch.no_grad()
-def stage_cache(out: Path, train_dir: Path, vae_file: Path) -> Path:
+def stage_cache(out: Path, train_dir: Path, vae_file: Path, cpu: bool = True) -> Path:
     """Encode every training target once: moments, gray hints and prompts in one file."""
+    from ctrlnet.runtime.device import resolve_device
+
     cache = out / "latents.pt"
     if cache.is_file():
         return cache
     _, vae = _load_vae(vae_file)
+    dev = resolve_device("cpu" if cpu else "auto")
+    vae.to(dev)
     ds = prompt_json_dataset(train_dir, random_crop=False)
     moments, hints, prompts = [], [], []
-    _log(f"encoding {len(ds)} targets")
+    _log(f"encoding {len(ds)} targets on {dev}")
     for i in range(0, len(ds), 64):
         b = collate([ds[j] for j in range(i, min(i + 64, len(ds)))])
-        moments.append(vae.quant_conv(vae.encoder(b["jpg"].permute(0, 3, 1, 2))).half())
+        moments.append(vae.quant_conv(vae.encoder(b["jpg"].permute(0, 3, 1, 2).to(dev))).half().cpu())
         hints.append((b["hint"][..., 0] * 255).round().to(torch.uint8))  # the hint is gray
         prompts += b["txt"]
     from ctrlnet.training.state import atomic_torch_save
@@ -208,7 +255,7 @@ def stage_base(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, vae_file: 
     cfg = TrainConfig(mode="base", steps=r.base_steps, batch_size=r.base_batch, lr=r.base_lr, warmup_steps=200,
                       lr_decay="cosine", prompt_dropout=r.base_prompt_dropout, ema_decay=r.base_ema,
                       max_grad_norm=1.0, checkpoint_every=r.checkpoint_every, keep_last=2,
-                      sample_every=r.sample_every, seed=r.seed + 1, cpu=True,
+                      sample_every=r.sample_every, seed=r.seed + 1, cpu=r.cpu,
                       sample_latents=r.latents == "sample")
     _log(f"base: {cfg.steps} steps of batch {cfg.batch_size}")
     res = train(models, _latent_dataset(cache), cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
@@ -228,8 +275,8 @@ def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base
     models = load_model_file(base_file, with_controlnet=True)
     cfg = TrainConfig(mode="controlnet", steps=r.cn_steps, batch_size=r.cn_batch, lr=r.cn_lr, warmup_steps=0,
                       prompt_dropout=r.cn_prompt_dropout, ema_decay=r.cn_ema, sd_locked=True,
-                      checkpoint_every=r.checkpoint_every, keep_last=2, keep_every=r.sample_every,
-                      sample_every=r.sample_every, seed=r.seed + 2, cpu=True,
+                      checkpoint_every=r.checkpoint_every, keep_last=2, keep_every=r.milestone_every,
+                      sample_every=r.sample_every, seed=r.seed + 2, cpu=r.cpu,
                       sample_latents=r.latents == "sample")
     _log(f"ControlNet: {cfg.steps} steps of batch {cfg.batch_size}")
     res = train(models, _latent_dataset(cache), cfg, sdir, resume=resume, preview_batch=preview_batch(held_dir))
@@ -242,6 +289,7 @@ def stage_controlnet(out: Path, r: DemoRecipe, cache: Path, held_dir: Path, base
 
 
 STAGES = ("data", "vae", "base", "controlnet")
+DATA_FIELDS = ("vocabulary", "n_train", "n_heldout", "size", "seed")  # what the data stage depends on
 
 
 def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: ModelConfig = DEMO,
@@ -252,7 +300,11 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
     config = config.with_(schedule=replace(config.schedule, parameterization=recipe.parameterization))
     rfile = out / "recipe.json"
     if rfile.is_file():
-        stored = json.loads(rfile.read_text())
+        stored = {"vocabulary": "basic20", **json.loads(rfile.read_text())}  # older builds: 20 colours
+        changed = sorted(k for k in DATA_FIELDS if stored.get(k) != getattr(recipe, k))
+        if changed:  # the data (and all that was trained on it) would not be this recipe's
+            raise SystemExit(f"{out} was built with other data settings ({', '.join(changed)}: "
+                             f"{[stored.get(k) for k in changed]}); use another folder")
         if stored != asdict(recipe):
             _log(f"note: recipe differs from the one stored in {rfile}; continuing with the new one")
     rfile.write_text(json.dumps(asdict(recipe), indent=1))
@@ -264,7 +316,7 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
     files["vae"] = stage_vae(out, recipe, train_dir, held_dir, config, resume)
     if until == "vae":
         return files
-    cache = stage_cache(out, train_dir, files["vae"])
+    cache = stage_cache(out, train_dir, files["vae"], recipe.cpu)
     files["base"] = stage_base(out, recipe, cache, held_dir, files["vae"], resume, config)
     if until == "base":
         return files
@@ -274,12 +326,23 @@ def build(out, recipe: DemoRecipe = DemoRecipe(), resume: bool = False, config: 
 
 
 def ship(out, dest) -> list[Path]:
-    """Copy the finished base and ControlNet as fp16 safetensors into ``dest`` (the package assets)."""
+    """Copy the finished base and ControlNet as fp16 safetensors into ``dest`` (the package assets),
+    with the recipe's sampling defaults (resolution, steps, guidance, vocabulary) in their
+    ``ctrlnet_defaults`` metadata."""
     from safetensors.torch import load_file
 
     from ctrlnet.checkpoints.save import CONFIG_KEY, read_config, save_model_file
 
+    from ctrlnet.checkpoints.defaults import defaults_metadata
+
     out, dest = Path(out), Path(dest)
+    rfile = out / "recipe.json"
+    if not rfile.is_file():
+        raise SystemExit(f"{rfile} is missing; is {out} a demo build folder?")
+    stored = json.loads(rfile.read_text())
+    known = {k: v for k, v in stored.items() if k in DemoRecipe.__dataclass_fields__}
+    # a build from before the vocabulary was recorded used the 20 colours
+    defaults = replace(DemoRecipe(), **{"vocabulary": "basic20", **known}).defaults()
     written = []
     for src in (out / "base" / BASE_FILE, out / "controlnet" / CONTROL_FILE):
         if not src.is_file():
@@ -295,7 +358,7 @@ def ship(out, dest) -> list[Path]:
                     break
             else:
                 raise ValueError(f"{src}: unexpected key {k} (prefixes {prefixes})")
-        meta = {"source": "ctrlnet.training.demo", "built": time.strftime("%Y-%m-%d")}
+        meta = {"source": "ctrlnet.training.demo", "built": time.strftime("%Y-%m-%d"), **defaults_metadata(defaults)}
         written.append(save_model_file(dest / src.name, groups, read_config(src), meta, dtype=torch.float16))
     total = sum(p.stat().st_size for p in written)
     _log(f"shipped {[str(p) for p in written]}: {total / 2**20:.1f} MiB ({CONFIG_KEY} kept)")
@@ -312,14 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke run of the recipe")
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core free)")
     b.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    b.add_argument("--accelerator", action="store_true", help="train on CUDA/MPS where there is one")
+    b.add_argument("--vocabulary", choices=sorted(VOCABULARIES), default=None,
+                   help="colour names (default css: the 140 CSS/X11 names; basic20: the first model's)")
+    for name in ("n_train", "vae_steps", "vae_batch", "base_steps", "base_batch", "cn_steps", "cn_batch"):
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"override the recipe's {name}")
     s = sub.add_parser("ship", help="write the finished model as fp16 files into the package assets")
     s.add_argument("out")
     s.add_argument("dest", nargs="?", default=str(Path(__file__).resolve().parents[1] / "assets" / "demo"))
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        recipe = DemoRecipe(threads=args.threads)
+        recipe = DemoRecipe(threads=args.threads, cpu=not args.accelerator)
         if args.quick:
             recipe = recipe.quick()
+        names = ("vocabulary", "n_train", "vae_steps", "vae_batch", "base_steps", "base_batch", "cn_steps", "cn_batch")
+        recipe = replace(recipe, **{k: getattr(args, k) for k in names if getattr(args, k) is not None})
         build(args.out, recipe, resume=args.resume, until=args.until, overwrite=args.overwrite)
     else:
         ship(args.out, args.dest)

@@ -75,14 +75,14 @@ def circle_score(image: np.ndarray, circle: Sequence[int], circle_rgb, backgroun
     return CircleScore(iou, ce, be, shape_iou)
 
 
-def load_pair(base, control):
-    """A base file and a ControlNet file written by the demo recipe, in eval mode."""
+def load_pair(base, control, device: str | torch.device = "cpu"):
+    """A base file and a ControlNet file written by the demo recipe, in eval mode on ``device``."""
     from ctrlnet.training.models import load_model_file
 
     models = load_model_file(base)
     models.controlnet = load_model_file(control).controlnet
     for m in models.modules().values():
-        m.eval()
+        m.eval().to(device)
     return models
 
 
@@ -106,7 +106,7 @@ def generate_rows(models, rows: Sequence[dict], root, strength: float = 1.0, ste
         shape = (vae.embed_dim, hint.shape[-2] // vae.downscale, hint.shape[-1] // vae.downscale)
         z = generate_latents(models.unet, models.text, schedule, [r["prompt"] for r in part], shape,
                              models.controlnet, hint, steps, guidance_scale, strength, seed=seed + i)
-        out.extend(to_uint8(vae.decode(z)))
+        out.extend(to_uint8(vae.decode(z.to(next(vae.parameters()).device))))
     return out
 
 

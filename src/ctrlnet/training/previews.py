@@ -55,10 +55,11 @@ def sample_grid(models, batch: dict, mode: str, steps: int = 20, guidance_scale:
     """One uint8 grid for a batch: control / target / prediction (ControlNet runs), target /
     prediction (base runs: the prompts, no control), target / reconstruction (VAE runs)."""
     vae = models.vae
+    vdev = next(vae.parameters()).device  # on a GPU run the VAE may sit apart from the batch
     target = batch.get("jpg")
     rows = []
     if mode == "vae":
-        x = target.permute(0, 3, 1, 2).float()
+        x = target.permute(0, 3, 1, 2).float().to(vdev)
         rec = vae.decode(vae.encode_latents(x))
         return grid([to_uint8(x), to_uint8(rec)])
     hint = batch["hint"].permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 1]
@@ -68,13 +69,13 @@ def sample_grid(models, batch: dict, mode: str, steps: int = 20, guidance_scale:
     z = generate_latents(models.unet, models.text, schedule, batch["txt"], shape,
                          models.controlnet if mode == "controlnet" else None, hint, steps, guidance_scale,
                          1.0, only_mid_control, seed)
-    pred = to_uint8(vae.decode(z))
+    pred = to_uint8(vae.decode(z.to(vdev)))
     if mode == "controlnet":
         rows.append(to_uint8(hint[:, :3] * 2 - 1))  # packed hints (reference colorizer) carry more channels
     if target is not None:
         rows.append(to_uint8(target.permute(0, 3, 1, 2).float()))
     elif "latents" in batch:
         mean = batch["latents"][:, : vae.embed_dim]
-        rows.append(to_uint8(vae.decode(mean * vae.scale_factor)))
+        rows.append(to_uint8(vae.decode(mean.to(vdev).float() * vae.scale_factor)))
     rows.append(pred)
     return grid(rows)
