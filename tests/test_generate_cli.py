@@ -152,3 +152,17 @@ def test_lora_flag_is_recorded_and_honoured_by_from_png(tmp_path, capsys):
     a, b = (np.asarray(Image.open(tmp_path / d / "9_0.png")) for d in ("a", "b"))
     plain = np.asarray(Image.open(tmp_path / "plain" / "9_0.png"))
     assert np.array_equal(a, b) and np.abs(a.astype(int) - plain).mean() > 1
+
+
+def test_control_init_is_the_init_image_and_builds_the_inpaint_map(tmp_path, capsys):
+    init = _write(tmp_path / "init.png", _picture())
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:20] = 255
+    m = _write(tmp_path / "mask.png", mask)
+    rc, _ = _run(["--prompt", "x", "--init-image", init, "--mask", m, "--mask-blur", "1", "--control", "init",
+                  "--annotator", "inpaint", "--width", "64", "--height", "64", "--steps", "2", "--seed", "2",
+                  "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0
+    cmap = np.asarray(Image.open(tmp_path / "o" / "2_control0.png"))
+    assert (cmap[:15] == 0).all()  # masked pixels at -1 show black
+    assert np.abs(cmap[30:].astype(int) - _picture()[30:]).max() <= 1  # the rest is the init image

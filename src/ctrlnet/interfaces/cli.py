@@ -45,7 +45,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--added-prompt", default=None, help="appended to the prompt (default: the model's)")
     p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the model's)")
     p.add_argument("--control", action="append", default=[], metavar="IMAGE",
-                   help="control image (repeat for several ControlNets, paired in order with --controlnet)")
+                   help="control image (repeat for several ControlNets, paired in order with --controlnet); "
+                        "'init' = the --init-image (with --annotator inpaint: the v1.1 inpaint map)")
     p.add_argument("--annotator", action="append", default=[], metavar="NAME",
                    help="annotator for each --control ('none' = the image is already a control map; "
                         "list: ctrlnet annotate --list)")
@@ -135,7 +136,9 @@ def _read_inputs(args) -> dict:
     from ctrlnet.image import load_image
 
     return {
-        "controls": [load_image(path, keep_alpha=True) for path in args.control],
+        # "--control init": the unit uses the init image (and an inpaint unit, the mask too)
+        "controls": [None if path == "init" and args.init_image and not Path(path).exists()
+                     else load_image(path, keep_alpha=True) for path in args.control],
         "init_image": load_image(args.init_image) if args.init_image else None,
         "mask": load_image(args.mask, keep_alpha=True) if args.mask else None,
     }
