@@ -134,14 +134,14 @@ def test_interfaces_read_control_images_with_the_loader(tmp_path):
     upright = _image_from_bytes(_with_orientation(_marked(), "PNG", 3), "image", Limits())
     assert np.array_equal(upright, np.rot90(_marked(), k=2))
 
-    from ctrlnet.interfaces.cli import _request_from_args, build_parser
+    from ctrlnet.interfaces.cli import _read_inputs, _request_from_args, build_parser
     from ctrlnet.pipeline import load_models
 
     path = tmp_path / "strokes.png"
     path.write_bytes(buf.getvalue())
     models = load_models("random:tiny-sd1", ["random:a"], device="cpu", dtype="fp32")
     args = build_parser().parse_args(["generate", "--base", "random:tiny-sd1", "--control", str(path)])
-    req = _request_from_args(args, models)
+    req = _request_from_args(args, models, _read_inputs(args))
     assert req.controls[0].image.shape == (64, 64, 4)
     cmap = annotate(req.controls[0], req.controls[0].image, (64, 64), 64)
     assert cmap[rgba[..., 3] == 0].max() == 0
