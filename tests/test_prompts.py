@@ -217,7 +217,7 @@ def test_parse_matches_a1111_docstring_examples():
     assert parse_prompt_attention("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
 
 
-def _same(text):
+def _assert_same(text):
     try:
         want = [tuple(x) for x in a1111_parse(text)]
     except ValueError:
@@ -229,7 +229,7 @@ def _same(text):
 
 @pytest.mark.parametrize("text", PROMPTS)
 def test_parse_equals_a1111_transcription(text):
-    _same(text)
+    _assert_same(text)
 
 
 def test_parse_equals_a1111_on_random_prompts():
@@ -237,7 +237,7 @@ def test_parse_equals_a1111_on_random_prompts():
               ",", "x_BREAK", "BREAKx", "\n", "٣", "é"]
     rng = random.Random(0)
     for _ in range(3000):
-        _same("".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))))
+        _assert_same("".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))))
     with pytest.raises(ValueError, match="not a number"):
         parse_prompt_attention("(a:1.2.3)")
 

@@ -105,6 +105,12 @@ def synthetic_clip(n_frames: int, size: int = 128, seed: int = 0) -> list[np.nda
     pan = rng.uniform(-0.4, 0.4, 2) * size / 128  # pixels per frame
     off = rng.uniform(0, size / 2, 2)
     shapes = [_Shape(rng, size, levels) for _ in range(int(rng.integers(3, 7)))]
+    return _film(bg, shapes, size, n_frames, pan, off)
+
+
+def _film(bg: np.ndarray, shapes: list, size: int, n_frames: int, pan: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
+    """Frames of a view of ``size`` px panning over the texture ``bg`` by ``pan`` px per frame from
+    ``off``, with ``shapes`` drawn and stepped each frame. (H, W, 3) uint8 each."""
     frames = []
     for _ in range(n_frames):
         ox, oy = off.round().astype(int)
@@ -253,20 +259,7 @@ def isoluminant_clip(n_frames: int, size: int = 128, seed: int = 0) -> list[np.n
         shapes.append(_IsoShape(rng, size, fill, other if striped else None, outline, outline_px))
     pan = rng.uniform(-0.4, 0.4, 2) * size / 128
     off = rng.uniform(0, size / 2, 2)
-    frames = []
-    for _ in range(n_frames):
-        ox, oy = off.round().astype(int)
-        img = bg[oy:oy + size, ox:ox + size].copy()
-        for sh in shapes:
-            sh.draw(img)
-            sh.step()
-        off = off + pan
-        for k in range(2):
-            if not 0 <= off[k] <= size:
-                pan[k] = -pan[k]
-                off[k] = np.clip(off[k], 0, size)
-        frames.append(img.clip(0, 255).round().astype(np.uint8))
-    return frames
+    return _film(bg, shapes, size, n_frames, pan, off)
 
 
 CLIP_KINDS = ("isoluminant", "classic")
