@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ctrlnet.checkpoints import diffusers_unet as du

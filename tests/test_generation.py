@@ -17,7 +17,7 @@ from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
-from ctrlnet.pipeline import ControlSpec, GenerationRequest, generate, load_models, random_controlnet
+from ctrlnet.pipeline import ControlSpec, GenerationRequest, generate, load_models
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser
 from ctrlnet.sampling.schedule import DiscreteSchedule, ddim_sigmas
 

@@ -109,10 +109,12 @@ def annotate(spec: ControlSpec, image: np.ndarray, size: tuple[int, int],
     return cmap[:, :, None] if cmap.ndim == 2 else cmap
 
 
-def control_map(spec: ControlSpec, raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An annotated map (uint8) fitted to ``size`` with the unit's resize mode -> float32 in [0, 1]."""
+def control_map(spec: ControlSpec, raw: np.ndarray, size: tuple[int, int],
+                mode: ResizeMode | None = None) -> np.ndarray:
+    """An annotated map (uint8) fitted to ``size`` with ``mode`` (default: the unit's resize mode)
+    -> float32 in [0, 1]."""
     nearest = spec.annotator in NEAREST_ANNOTATORS
-    return fit_map(raw, size, spec.resize_mode, nearest).astype(np.float32) / 255.0
+    return fit_map(raw, size, mode or spec.resize_mode, nearest).astype(np.float32) / 255.0
 
 
 def inpaint_hint(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -116,9 +116,7 @@ def _sample_pass(models: Models, plan: Plan, size: tuple[int, int], hires: bool,
         if u.raw is None:  # the v1.1 inpaint unit
             cmap = preprocess.inpaint_hint(start_image, mask.pixel)
         else:
-            cmap = preprocess.control_map(u.spec, u.raw, size) if u.resize is u.spec.resize_mode else \
-                preprocess.fit_map(u.raw, size, u.resize, u.spec.annotator in preprocess.NEAREST_ANNOTATORS
-                                   ).astype(np.float32) / 255.0
+            cmap = preprocess.control_map(u.spec, u.raw, size, u.resize)
         lc = None
         if u.spec.reference is not None:
             lc = encode_images(models, [preprocess.fit_image(u.spec.reference, size)])
@@ -218,7 +216,8 @@ def _generate(models, plan, steps, noise, init, source, start, mask, full_mask) 
 
     if init is not None and plan.strength(False) == 0 and plan.hires_size is None:
         images = [start.copy() for _ in range(n)]  # strength 0: the image itself, no VAE round trip
-        maps = [display_map(preprocess.control_map(u.spec, u.raw, plan.size)) for u in units if u.raw is not None]
+        maps = [display_map(preprocess.control_map(u.spec, u.raw, plan.size, u.resize)) for u in units
+                if u.raw is not None]
     else:
         latents, maps = _sample_pass(models, plan, plan.size, False, units, cond, uncond, noise, steps,
                                      start_image=start if init is not None else None, mask=mask)
