@@ -51,7 +51,8 @@ def test_inpaint_with_units_from_the_cli_and_made_again_from_its_png(tmp_path, c
     unit = rec["request"]["controls"][0]
     assert (unit["control_mode"], unit["resize_mode"], unit["start"]) == ("prompt", "resize_and_fill", 0.2)
     assert rec["inputs"] == {"init_image": "5_init_image.png", "mask": "5_mask.png"}
-    assert "Control Mode: prompt" in Image.open(first).info["parameters"]
+    infotext = Image.open(first).info["parameters"]
+    assert "Control Mode: prompt" in infotext and "Sampler: Euler a," in infotext and "Seed: 5," in infotext
     a = np.asarray(Image.open(first))
     outside = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), 2.0) < 1e-3
     assert np.abs(a[outside].astype(int) - _picture()[outside]).max() <= 1

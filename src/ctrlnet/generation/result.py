@@ -36,10 +36,10 @@ class GenerationResult:
         r = self.request
         h, w = self.images[k].shape[:2]
         prompt = r.prompt + (f", {r.added_prompt}" if r.added_prompt else "")
-        settings = [f"Steps: {r.steps}", f"Sampler: {r.sampler}", f"CFG scale: {r.guidance_scale}",
-                    f"Seed: {self.seeds[k]}", f"Size: {w}x{h}"]
-        if r.schedule:
-            settings.append(f"Schedule type: {r.schedule}")
+        from ctrlnet.sampling.names import a1111_name
+
+        settings = [f"Steps: {r.steps}", f"Sampler: {a1111_name(r.sampler, r.schedule)}",
+                    f"CFG scale: {r.guidance_scale}", f"Seed: {self.seeds[k]}", f"Size: {w}x{h}"]
         if r.eta is not None:
             settings.append(f"Eta: {r.eta}")
         if model_name:
