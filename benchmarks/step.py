@@ -108,8 +108,9 @@ def main() -> None:
             return unet_cl(xs_cl, ts, cs, control=cn_cl(xs_cl, hs_cl, ts, cs))
 
         diff_cl = (ours_cl().float() - bb).abs().max().item()
-        t = _time_interleaved({"ours": ours, "cl": ours_cl, "diffusers": theirs}, args.repeats)
-        t_ours, t_cl, t_theirs = t["ours"], t["cl"], t["diffusers"]
+        # (not `t`: that name holds the timestep tensor the next dtype's loop reuses)
+        times = _time_interleaved({"ours": ours, "cl": ours_cl, "diffusers": theirs}, args.repeats)
+        t_ours, t_cl, t_theirs = times["ours"], times["cl"], times["diffusers"]
         unet_cl = cn_cl = None  # free the copies before the next dtype
         print(f"{name}: outputs {status} (max abs diff {diff:.2e}, channels-last {diff_cl:.2e}, output max {scale:.2f})\n"
               f"  ours {t_ours:.3f} s/step, ours channels-last {t_cl:.3f} s/step, diffusers {t_theirs:.3f} s/step\n"
