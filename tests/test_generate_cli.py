@@ -167,3 +167,28 @@ def test_control_init_is_the_init_image_and_builds_the_inpaint_map(tmp_path, cap
     cmap = np.asarray(Image.open(tmp_path / "o" / "2_control0.png"))
     assert (cmap[:15] == 0).all()  # masked pixels at -1 show black
     assert np.abs(cmap[30:].astype(int) - _picture()[30:]).max() <= 1  # the rest is the init image
+
+
+def test_vae_and_embeddings_are_recorded_and_honoured_by_from_png(tmp_path, capsys):
+    from ctrlnet.pipeline import random_base
+
+    vae = tmp_path / "other_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in random_base("tiny-sd1", seed=7).vae.state_dict().items()}, str(vae))
+    emb_dir = tmp_path / "embeddings"
+    emb_dir.mkdir()
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(3))},
+              str(emb_dir / "shiny.safetensors"))
+    args = ["--prompt", "a shiny ball", "--width", "64", "--height", "64", "--steps", "2", "--seed", "4"]
+    torch.manual_seed(0)
+    assert _run([*args, "--vae", str(vae), "--embeddings", str(emb_dir), "--out", str(tmp_path / "a")], capsys)[0] == 0
+    torch.manual_seed(0)
+    assert _run([*args, "--out", str(tmp_path / "plain")], capsys)[0] == 0
+    rec = json.loads(Image.open(tmp_path / "a" / "4_0.png").info["ctrlnet"])
+    assert rec["vae"] == str(vae.resolve()) and rec["embeddings"] == [str(emb_dir.resolve())]
+    torch.manual_seed(0)
+    assert main(["generate", "--from-png", str(tmp_path / "a" / "4_0.png"), "--out", str(tmp_path / "b")]) == 0
+    torch.manual_seed(0)
+    assert _run([*args, "--embeddings", str(emb_dir), "--out", str(tmp_path / "emb")], capsys)[0] == 0
+    a, b, plain, emb = (np.asarray(Image.open(tmp_path / d / "4_0.png")) for d in ("a", "b", "plain", "emb"))
+    assert np.array_equal(a, b) and np.abs(a.astype(int) - plain).mean() > 1
+    assert np.abs(emb.astype(int) - plain).mean() > 0.1  # "shiny" is the embedding, not the word
