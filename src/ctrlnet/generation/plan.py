@@ -4,7 +4,9 @@ pass, the only-masked crop, the sigma lists; refuse what cannot run (size bound,
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ class Plan:
     legacy_resolution: int | None
     unit_nets: list[str]
     prompt: str = ""  # the prompt as encoded: <lora:...> tags removed, the added prompt appended
-    loras: list = None  # [(Path, weight)]: the request's loras, then the prompt's tags
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # the request's, then the prompt's tags
 
 
     @property

@@ -7,6 +7,7 @@ request -> plan (sizes, seeds) -> prompts -> unit maps -> pass 1 [-> upscale -> 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ctrlnet.generation.conditioning import control_input, display_map, encode_p
 from ctrlnet.generation.inpaint import LatentBlend, MaskSet, composite, masked_image, paste
 from ctrlnet.generation.latents import ImageNoise, decode_images, encode_images
 from ctrlnet.generation.plan import Plan, make_plan
-from ctrlnet.generation.request import GenerationRequest, InpaintFill, ResizeMode, Upscaler
+from ctrlnet.generation.request import ControlSpec, GenerationRequest, InpaintFill, ResizeMode, Upscaler
 from ctrlnet.generation.result import GenerationResult
 from ctrlnet.image import ImageError
 from ctrlnet.models.patching import apply_loras
@@ -56,11 +57,15 @@ class _Steps:
         return cb
 
 
+@dataclass
 class _Unit:
-    """A unit's map before fitting (annotated once), and what it is fitted with."""
+    """A unit's map before fitting (annotated once; None for the v1.1 inpaint unit, whose map is
+    built per pass from the init image and mask), and the resize mode it is fitted with."""
 
-    def __init__(self, index: int, spec, net: str, raw: np.ndarray | None, resize: ResizeMode):
-        self.index, self.spec, self.net, self.raw, self.resize = index, spec, net, raw, resize
+    spec: ControlSpec
+    net: str
+    raw: np.ndarray | None
+    resize: ResizeMode
 
 
 def _units(plan: Plan, source: np.ndarray | None) -> list[_Unit]:
@@ -70,7 +75,7 @@ def _units(plan: Plan, source: np.ndarray | None) -> list[_Unit]:
     units = []
     for i, spec in enumerate(req.controls):
         if spec.annotator == "inpaint":  # built per pass from the init image and mask
-            units.append(_Unit(i, spec, plan.unit_nets[i], None, ResizeMode.JUST_RESIZE))
+            units.append(_Unit(spec, plan.unit_nets[i], None, ResizeMode.JUST_RESIZE))
             continue
         image = spec.image
         if image is not None and plan.box is not None:
@@ -86,7 +91,7 @@ def _units(plan: Plan, source: np.ndarray | None) -> list[_Unit]:
         # The unit whose image decided the size in the original apps' sizing is stretched by the
         # rounding to 64 as they do; every other map keeps its aspect with its own resize mode.
         decides = plan.legacy_resolution is not None and i == 0 and req.init_image is None
-        units.append(_Unit(i, spec, plan.unit_nets[i], raw, ResizeMode.JUST_RESIZE if decides else spec.resize_mode))
+        units.append(_Unit(spec, plan.unit_nets[i], raw, ResizeMode.JUST_RESIZE if decides else spec.resize_mode))
     return units
 
 
