@@ -391,6 +391,46 @@ def test_openapi_without_a_token_has_no_security(models):
     assert all("security" not in op for ops in spec["paths"].values() for op in ops.values())
 
 
+def test_an_a1111_module_with_router_for_is_mounted_over_the_shared_context(models, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    from fastapi import APIRouter, Depends
+
+    seen = {}
+
+    def router_for(ctx):
+        seen["ctx"] = ctx
+        r = APIRouter(dependencies=[Depends(ctx.auth)])
+
+        @r.get("/sdapi/v1/progress")
+        def progress():
+            job = ctx.queue.current()
+            return {"state": None if job is None else job.state, "capacity": ctx.queue.capacity}
+
+        return r
+
+    fake = types.ModuleType("ctrlnet.interfaces.api.a1111")
+    fake.__spec__ = importlib.machinery.ModuleSpec(fake.__name__, loader=None)
+    fake.router_for = router_for
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    app = create_app(models, Limits(max_queue=3), token=TOKEN)
+    c = TestClient(app)
+    assert app.state.a1111 and seen["ctx"] is app.state.ctx and seen["ctx"].queue is app.state.queue
+    assert seen["ctx"].nets_label == {"edges": "edges"} and seen["ctx"].dtype_label == "float32"
+    assert c.get("/sdapi/v1/progress").status_code == 401
+    assert c.get("/sdapi/v1/progress", headers=AUTH).json() == {"state": None, "capacity": 3}
+    op = c.get("/openapi.json").json()["paths"]["/sdapi/v1/progress"]["get"]
+    assert op["security"] == [{"bearer": []}]
+    app.state.queue.shutdown()
+    monkeypatch.delitem(sys.modules, fake.__name__)
+    plain = create_app(models, Limits())
+    if importlib.util.find_spec(fake.__name__) is None:
+        assert not plain.state.a1111  # no such module: nothing mounted
+    plain.state.queue.shutdown()
+
+
 def test_schemathesis_finds_no_server_errors_or_schema_violations(models):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings

@@ -319,6 +319,7 @@ class JobQueue:
             job.eta_s = ahead * pace
 
     def _finish(self, job: Job, state: str) -> None:
+        job.fn = None  # the work's closure holds the request's images; the result is what stays
         job.state, job.eta_s = state, 0.0
         job.finished_at, job.finished_wall = self._clock(), time.time()
         self._finished.append(job)
