@@ -123,7 +123,7 @@ def test_hwc3_background():
 
 def test_interfaces_read_control_images_with_the_loader(tmp_path):
     """CLI and API control images keep their alpha for the pipeline and are turned upright."""
-    from ctrlnet.interfaces.api import _image_from_bytes
+    from ctrlnet.interfaces.api.codec import decode_image as _image_from_bytes
     from ctrlnet.interfaces.limits import Limits
 
     rgba = _strokes_on_transparent()

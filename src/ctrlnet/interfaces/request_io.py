@@ -178,10 +178,13 @@ def with_model_defaults(d: dict, defaults: dict) -> dict:
     return out
 
 
-def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> GenerationRequest:
+def request_from_dict(d: dict, images=(), allow_server_fields: bool = False, init_image=None,
+                      mask=None) -> GenerationRequest:
     """A GenerationRequest from a dict shaped like :meth:`GenerationRequest.to_dict`.
 
-    ``images[i]`` becomes the image of ``controls[i]``. Unknown fields and wrong types raise
+    ``images[i]`` becomes the image of ``controls[i]`` (None: the unit uses the init image);
+    ``init_image`` (H, W, 3) and ``mask`` (H, W[, C]) uint8 arrays are the img2img/inpaint images
+    (decoded by the caller, like the control images). Unknown fields and wrong types raise
     ValueError naming the field; ranges are checked by :meth:`GenerationRequest.validate`.
     ``allow_server_fields`` accepts ``noise_device`` too (a record we wrote ourselves).
     """
@@ -208,4 +211,4 @@ def request_from_dict(d: dict, images=(), allow_server_fields: bool = False) -> 
         controls = controls + [{}] * (len(images) - len(controls))
     kw["controls"] = [control_from_dict(c, i, images[i] if i < len(images) else None)
                       for i, c in enumerate(controls)]
-    return GenerationRequest(**kw)
+    return GenerationRequest(**kw, init_image=init_image, mask=mask)

@@ -37,9 +37,10 @@ def add_serve_parser(sub) -> None:
     d = Limits()
     p = sub.add_parser(
         "serve", help="run the HTTP API (needs: pip install 'ctrlnet[serve]')",
-        description="Serve POST /v1/generate, POST /v1/annotate, GET /v1/models and GET /health; "
-                    "the API is described at /docs. One generation runs at a time; extra requests wait in a "
-                    f"short queue and get 429 when it is full. Set ${TOKEN_ENV} (or --token-file) to require "
+        description="Serve the jobs API (POST /v1/jobs, GET/DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/events), "
+                    "POST /v1/generate, POST /v1/annotate, GET /v1/models and GET /health; the API is described "
+                    "at /docs (works offline). One generation runs at a time; extra requests wait in a short "
+                    "queue and get 429 with Retry-After when it is full. Set ${TOKEN_ENV} (or --token-file) to require "
                     "'Authorization: Bearer <token>'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -52,6 +53,14 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-resolution", type=int, default=d.max_resolution)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-output-pixels", type=int, default=d.max_output_pixels,
+                   help="output pixels per request: width x height x images (x hires scale squared)")
+    p.add_argument("--max-controls", type=int, default=d.max_controls, help="ControlNet units per request")
+    p.add_argument("--keep-s", type=float, default=d.keep_s,
+                   help="seconds a finished job's result stays readable at GET /v1/jobs/{id}")
+    p.add_argument("--keep-count", type=int, default=d.keep_count, help="finished jobs kept at most")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr: method, route, status, seconds (no bodies or queries)")
     add_model_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -93,9 +102,18 @@ def _cmd_serve(args) -> int:
         raise ValueError("the bearer token must be at least 16 characters")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
                     max_resolution=args.max_resolution, max_steps=args.max_steps, max_images=args.max_images,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_output_pixels=args.max_output_pixels,
+                    max_controls=args.max_controls, keep_s=args.keep_s, keep_count=args.keep_count)
     app = create_app(load_from_args(args), limits, token=token)
     print(f"ctrlnet API on http://{args.host}:{args.port}  (docs: /docs; auth: {'bearer token' if token else 'none'})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    access = logging.getLogger("ctrlnet.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
+    # uvicorn's own access log prints query strings; ours prints the route template only
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
