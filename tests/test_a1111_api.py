@@ -278,3 +278,223 @@ def test_response_shape_images_maps_and_info():
     assert len(response(_result(nomap, 1), nomap, CAT, b64)["images"]) == 1
     i2i = _i2i()
     assert response(_result(i2i, 1), i2i, CAT, b64)["parameters"]["init_images"] is None
+
+
+# ---- a real server driven by the unmodified webuiapi client -------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+TOKEN = "a1111-test-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    port = _free_port()
+    env = {**os.environ, "CTRLNET_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ctrlnet.interfaces.cli", "serve", "--base", "random:tiny-sd1",
+           "--controlnet", "random:edges", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+           "--max-steps", "1000", "--max-resolution", "512", "--max-queue", "4"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not come up in 90 s")
+            time.sleep(0.3)
+        yield port, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    webuiapi = pytest.importorskip("webuiapi")
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server[0], username="anyone", password=TOKEN)
+
+
+def _picture(h=72, w=96):
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.zeros((h, w, 3), np.uint8)
+    img[(x - w // 2) ** 2 + (y - h // 2) ** 2 < (h // 3) ** 2] = 255
+    img[..., 1] = (x * 2).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def _v1(url, body):
+    import httpx
+
+    r = httpx.post(url + "/v1/generate", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return _png_text(r.json()["images"][0])[0]
+
+
+def _b64png(pil) -> str:
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_webuiapi_txt2img_with_a_unit_equals_v1_generate(api, server):
+    import webuiapi
+
+    pic = _picture()
+    unit = webuiapi.ControlNetUnit(image=pic, module="canny", model="edges", processor_res=64, threshold_a=50,
+                                   threshold_b=150, control_mode=1, resize_mode="Crop and Resize", weight=0.8)
+    res = api.txt2img(prompt="a red ball", negative_prompt="blurry", seed=1234, steps=4, cfg_scale=6.5,
+                      width=64, height=64, sampler_name="Euler a", controlnet_units=[unit], alwayson_scripts={},
+                      restore_faces=True)
+    assert len(res.images) == 2  # the image, then the canny map (as sd-webui-controlnet appends it)
+    assert res.images[0].size == (64, 64) and "Seed: 1234" in res.images[0].info["parameters"]
+    assert res.info["all_seeds"] == [1234] and res.info["ctrlnet_ignored"]["restore_faces"]
+    assert res.parameters["prompt"] == "a red ball"
+    body = {"prompt": "a red ball", "added_prompt": "", "negative_prompt": "blurry", "seed": 1234, "steps": 4,
+            "guidance_scale": 6.5, "width": 64, "height": 64, "sampler": "Euler a", "eta": 1.0,
+            "controls": [{"image": _b64png(pic), "model": "edges", "annotator": "canny", "strength": 0.8,
+                          "annotator_params": {"low_threshold": 50, "high_threshold": 150},
+                          "detect_resolution": 64, "control_mode": "prompt", "resize_mode": "crop_and_resize"}]}
+    ours = _v1(server[1], body)
+    theirs = np.asarray(res.images[0].convert("RGB"))
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() == 0
+    assert theirs.std() > 1  # a picture, not a flat field
+    unit.control_mode = "Balanced"  # the unit reaches the model: another mode, another image
+    other = api.txt2img(prompt="a red ball", negative_prompt="blurry", seed=1234, steps=4, cfg_scale=6.5,
+                        width=64, height=64, sampler_name="Euler a", controlnet_units=[unit], alwayson_scripts={})
+    assert np.abs(np.asarray(other.images[0].convert("RGB")).astype(int) - theirs.astype(int)).max() > 0
+    cmap = np.asarray(res.images[1].convert("RGB"))
+    assert cmap.shape == (64, 64, 3) and set(np.unique(cmap)) <= {0, 255} and cmap.max() == 255
+
+
+def test_webuiapi_img2img_with_a_unit_on_the_init_image_equals_v1_generate(api, server):
+    import webuiapi
+
+    pic = _picture()
+    unit = webuiapi.ControlNetUnit(module="invert", model="edges", processor_res=64, control_mode=2, resize_mode=0)
+    res = api.img2img(images=[pic], prompt="a green ball", seed=77, steps=6, cfg_scale=5.0, width=64, height=64,
+                      denoising_strength=0.5, sampler_name="DDIM", eta=0.0, controlnet_units=[unit],
+                      alwayson_scripts={})
+    assert len(res.images) == 2 and res.images[0].size == (64, 64)
+    assert "image_cfg_scale" in res.info["ctrlnet_ignored"]
+    from ctrlnet.generation.preprocess import fit_image
+
+    init = fit_image(np.asarray(pic), (64, 64), "just_resize")  # A1111 resize_mode 0, as the route did
+    from PIL import Image
+
+    body = {"prompt": "a green ball", "added_prompt": "", "negative_prompt": "", "seed": 77, "steps": 6,
+            "guidance_scale": 5.0, "width": 64, "height": 64, "sampler": "DDIM", "eta": 0.0,
+            "denoising_strength": 0.5, "init_image": _b64png(Image.fromarray(init)),
+            "controls": [{"model": "edges", "annotator": "invert", "detect_resolution": 64,
+                          "control_mode": "controlnet", "resize_mode": "just_resize"}]}
+    ours = _v1(server[1], body)
+    assert np.abs(ours.astype(int) - np.asarray(res.images[0].convert("RGB")).astype(int)).max() == 0
+
+
+def test_webuiapi_detect_lists_and_info_routes(api, server):
+    pic = _picture()
+    det = api.controlnet_detect([pic], module="canny", processor_res=64, threshold_a=50, threshold_b=150)
+    assert len(det.images) == 1 and det.info == "Success"
+    from ctrlnet.annotators import run_annotator
+    from ctrlnet.image import resize_image
+
+    want = run_annotator("canny", resize_image(np.asarray(pic), 64), low_threshold=50, high_threshold=150)
+    got = np.asarray(det.images[0].convert("RGB"))
+    assert np.array_equal(got[..., 0], want if want.ndim == 2 else want[..., 0])
+    assert api.controlnet_model_list() == [f"edges [{_hash('random:edges')}]"]
+    mods = api.controlnet_module_list()
+    assert "canny" in mods and "hed" in mods and "none" in mods
+    assert api.controlnet_version() == 3
+    assert api.util_get_current_model().startswith("random:tiny-sd1 [")
+    assert "Euler a" in api.util_get_sampler_names() and "DPM++ 2M" in api.util_get_sampler_names()
+    assert "karras" in api.util_get_scheduler_names()
+    models = api.get_sd_models()
+    assert models[0]["filename"] == "random:tiny-sd1" and "/" not in json.dumps(models)
+    import httpx
+
+    url = server[1]
+    aliased = httpx.get(url + "/controlnet/module_list", params={"alias_names": True},
+                        headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert "softedge_hed" in aliased["module_list"]
+    assert aliased["module_detail"]["canny"]["sliders"][1]["name"] == "Canny Low Threshold"
+    assert httpx.get(url + "/sdapi/v1/options").status_code == 401  # same auth as /v1
+
+
+def _hash(label):
+    from ctrlnet.interfaces.api.a1111 import short_hash
+
+    return short_hash(label)
+
+
+def test_a1111_errors_have_its_shape_and_no_paths(server):
+    import httpx
+
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    url = server[1]
+    r = httpx.post(url + "/sdapi/v1/txt2img", headers=h, json={"prompt": "x", "width": 64, "height": 64, "steps": 2,
+                   "alwayson_scripts": {"controlnet": {"args": [{"image": "abc", "module": "normal_bae",
+                                                                 "model": "edges"}]}}})
+    assert r.status_code == 422 and set(r.json()) == {"error", "detail", "body", "errors"}
+    assert "normal_bae" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/img2img", headers=h, json={"init_images": ["data:image/png;base64,@@@"]})
+    assert r.status_code == 400 and "init_images[0]" in r.json()["detail"]
+    r = httpx.post(url + "/sdapi/v1/txt2img", headers=h, json={"steps": 2, "width": 1024, "height": 64})
+    assert r.status_code == 422 and "width" in r.json()["detail"]
+
+
+def test_progress_during_a_run_and_interrupt(api, server):
+    import httpx
+
+    url = server[1]
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    out = {}
+
+    def long_run():
+        out["res"] = api.txt2img(prompt="slow", seed=5, steps=1000, width=128, height=128, sampler_name="Euler",
+                                 alwayson_scripts={})
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        p = httpx.get(url + "/sdapi/v1/progress", headers=h).json()
+        if p["state"]["job"] == "txt2img":
+            seen.append(p["state"]["sampling_step"])
+            if len(set(seen)) >= 3 and seen[-1] > 0:
+                break
+        time.sleep(0.05)
+    assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # the step advances while we watch
+    assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 1000 and p["current_image"] is None
+    assert api.interrupt() == {}
+    t.join(60)
+    assert not t.is_alive()
+    res = out["res"]
+    assert res.images == [] and res.info["ctrlnet_interrupted"] is True
+    assert httpx.get(url + "/sdapi/v1/progress", headers=h).json()["state"]["job_count"] == 0
+    nxt = api.txt2img(prompt="after", seed=6, steps=2, width=64, height=64, alwayson_scripts={})
+    assert len(nxt.images) == 1 and nxt.info["all_seeds"] == [6]

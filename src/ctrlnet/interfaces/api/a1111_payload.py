@@ -345,7 +345,8 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
     batch, n_iter = _num(body, "batch_size", int, 1, 64), _num(body, "n_iter", int, 1, 64)
     data = {"prompt": _text(body, "prompt"), "added_prompt": "", "negative_prompt": _text(body, "negative_prompt"),
             "seed": _num(body, "seed", int), "steps": _num(body, "steps", int), "guidance_scale": _num(body, "cfg_scale"),
-            "width": width, "height": height, "num_images": batch * n_iter, "sampler": sampler,
+            "width": width, "height": height, "resolution": min(width, height),  # unused with a size; in range
+            "num_images": batch * n_iter, "sampler": sampler,
             "schedule": schedule, "eta": eta, "clip_skip": clip_skip}
     if data["seed"] < -1:
         data["seed"] = -1  # A1111 treats any negative seed as "random"
@@ -392,8 +393,7 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
     if len(controls) > max_controls:
         raise ValueError(f"{len(controls)} ControlNet units; the limit is {max_controls}")
     data["controls"] = controls
-    req = request_from_dict(data, images)
-    req.init_image, req.mask = init, mask
+    req = request_from_dict(data, images, init_image=init, mask=mask)
     echo = {k: v for k, v in body.items()}
     if img2img and not _flag(body, "include_init_images"):
         echo["init_images"], echo["mask"] = None, None  # as A1111 does

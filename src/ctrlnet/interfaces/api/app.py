@@ -107,6 +107,23 @@ def _mount_a1111(app: FastAPI, ctx: ServiceContext) -> bool:
     return True
 
 
+def token_matches(header: str, token: str) -> bool:
+    """``Authorization: Bearer <token>``, or HTTP Basic with the token as the password (any user
+    name): A1111 clients started against ``--api-auth`` send Basic, and so they work unchanged."""
+    if header.startswith("Bearer "):
+        return secrets.compare_digest(header[7:].encode(), token.encode())
+    if header.startswith("Basic "):
+        import base64
+        import binascii
+
+        try:
+            user_pass = base64.b64decode(header[6:], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        return secrets.compare_digest(user_pass.partition(":")[2].encode(), token.encode())
+    return False
+
+
 def create_app(models, limits: Limits | None = None, token: str | None = None, base_name: str | None = None,
                controlnet_names: dict[str, str] | None = None) -> FastAPI:
     """The service over loaded models (a ``Models`` or a ``LoadedModels`` from ``model_args``).
@@ -128,8 +145,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
     def auth(request: Request) -> None:
         if token is None:
             return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), token.encode())):
+        if not token_matches(request.headers.get("authorization", ""), token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     ctx = ServiceContext(
