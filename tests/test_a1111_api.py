@@ -462,6 +462,11 @@ def test_a1111_errors_have_its_shape_and_no_paths(server):
     assert "normal_bae" in r.json()["detail"]
     r = httpx.post(url + "/sdapi/v1/img2img", headers=h, json={"init_images": ["data:image/png;base64,@@@"]})
     assert r.status_code == 400 and "init_images[0]" in r.json()["detail"]
+    # sd-webui-controlnet would read a unit image given as a server path; here it is only ever base64
+    r = httpx.post(url + "/sdapi/v1/txt2img", headers=h, json={"steps": 2, "width": 64, "height": 64,
+                   "alwayson_scripts": {"ControlNet": {"args": [{"image": "/etc/hostname", "model": "edges"}]}}})
+    assert r.status_code == 400 and "controlnet.args[0].image" in r.json()["detail"]
+    assert "/etc" not in r.text
     r = httpx.post(url + "/sdapi/v1/txt2img", headers=h, json={"steps": 2, "width": 1024, "height": 64})
     assert r.status_code == 422 and "width" in r.json()["detail"]
 
@@ -498,3 +503,33 @@ def test_progress_during_a_run_and_interrupt(api, server):
     assert httpx.get(url + "/sdapi/v1/progress", headers=h).json()["state"]["job_count"] == 0
     nxt = api.txt2img(prompt="after", seed=6, steps=2, width=64, height=64, alwayson_scripts={})
     assert len(nxt.images) == 1 and nxt.info["all_seeds"] == [6]
+
+
+def test_webuiapi_inpaint_with_an_inpaint_unit_keeps_the_unmasked_part(api):
+    import webuiapi
+    from PIL import Image
+
+    from ctrlnet.generation.preprocess import fit_image
+
+    pic = _picture(64, 64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    unit = webuiapi.ControlNetUnit(module="inpaint_only", model="edges", control_mode=0)
+    res = api.img2img(images=[pic], mask_image=Image.fromarray(mask), inpainting_fill=2, inpaint_full_res=False,
+                      mask_blur=0, prompt="fill", seed=3, steps=4, width=64, height=64, denoising_strength=1.0,
+                      controlnet_units=[unit], alwayson_scripts={})
+    out = np.asarray(res.images[0].convert("RGB")).astype(int)
+    init = fit_image(np.asarray(pic), (64, 64)).astype(int)
+    assert np.abs(out[:, 40:] - init[:, 40:]).max() == 0  # outside the mask: the picture itself
+    assert np.abs(out[:, :24] - init[:, :24]).max() > 20  # inside: repainted from noise
+    assert res.info["ctrlnet_ignored"] == {"image_cfg_scale": res.info["ctrlnet_ignored"]["image_cfg_scale"]}
+
+
+def test_auth_bearer_or_basic_with_the_token(server):
+    import httpx
+
+    url = server[1] + "/sdapi/v1/progress"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert httpx.get(url, auth=("someone", TOKEN)).status_code == 200
+    assert httpx.get(url, auth=("someone", "wrong-password-0123456789")).status_code == 401
+    assert httpx.get(url, auth=(TOKEN, "")).status_code == 401  # the token is the password, not the user
