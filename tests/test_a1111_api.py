@@ -159,8 +159,12 @@ def test_request_fields():
         ("p", "", "n", 7, 9, 5.5, 6)
     assert (r.sampler, r.schedule, r.clip_skip, r.width, r.height) == ("DPM++ 2M", "Karras", 2, 64, 64)
     assert t.ignored == {}
-    d = translate({"prompt": "x"}, "txt2img", CAT, _dec).request  # A1111's defaults, not the model's
-    assert (d.width, d.height, d.steps, d.guidance_scale, d.sampler, d.seed) == (512, 512, 50, 7.0, "Euler", -1)
+    for body in ({"prompt": "x"}, {"prompt": "x", "seed": None, "steps": None, "width": None, "cfg_scale": None}):
+        d = translate(body, "txt2img", CAT, _dec).request  # A1111's defaults, not the model's
+        assert (d.width, d.height, d.steps, d.guidance_scale, d.sampler, d.seed) == (512, 512, 50, 7.0, "Euler", -1)
+    with pytest.raises(ValueError, match="3 ControlNet units; the limit is 2"):
+        translate({"alwayson_scripts": {"controlnet": {"args": [{"image": "bad"}] * 3}}}, "txt2img", CAT, _dec,
+                  max_controls=2)
 
 
 def test_eta_goes_to_samplers_that_take_it_and_is_reported_otherwise():

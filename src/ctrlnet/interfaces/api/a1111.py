@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from ctrlnet.interfaces import a1111_modules
 from ctrlnet.interfaces.api import codec
@@ -29,6 +30,25 @@ from ctrlnet.interfaces.api.errors import http_error, scrub_paths
 from ctrlnet.interfaces.api.jobs import CANCELLED, DONE, QueueFull
 
 CONTROLNET_API_VERSION = 3  # what sd-webui-controlnet's /controlnet/version answers today
+
+
+class A1111Error(BaseModel):
+    """A1111's error body: the exception's type name, the message (twice, as A1111 sends it)."""
+
+    error: str = Field(description="the kind of error")
+    detail: str = Field(description="a readable message naming the cause; never a server path")
+    body: str = ""
+    errors: str = ""
+
+
+_WORDS = {400: "unreadable input (not base64, not an image, malformed JSON)", 401: "missing or wrong token",
+          409: "interrupted", 413: "body or image too large",
+          422: "a field out of range, unknown, or refused (see README: Using A1111 API clients)",
+          429: "queue full; see Retry-After", 503: "the server lacks a file this needs"}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": A1111Error, "description": _WORDS[c]} for c in codes}
 
 
 def short_hash(label: str) -> str:
@@ -117,12 +137,12 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         e = http_error(job.error, before_work=False)
         return _error(e.status_code, str(e.detail), type(job.error).__name__)
 
-    @r.post("/sdapi/v1/txt2img")
+    @r.post("/sdapi/v1/txt2img", responses=_errors(400, 401, 413, 422, 429, 503))
     async def txt2img(request: Request) -> Any:
         """A1111 txt2img with ``alwayson_scripts.controlnet.args`` units; see README for the fields."""
         return await run(request, "txt2img")
 
-    @r.post("/sdapi/v1/img2img")
+    @r.post("/sdapi/v1/img2img", responses=_errors(400, 401, 413, 422, 429, 503))
     async def img2img(request: Request) -> Any:
         """A1111 img2img (init_images, mask, inpainting fields) with ControlNet units."""
         return await run(request, "img2img")
@@ -208,7 +228,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     def cn_settings() -> dict:
         return {"control_net_unit_count": lim.max_controls}
 
-    @r.post("/controlnet/detect")
+    @r.post("/controlnet/detect", responses=_errors(400, 401, 409, 413, 422, 429, 503))
     async def cn_detect(request: Request) -> Any:
         """Run a module on images: ``controlnet_module``, ``controlnet_input_images`` (webuiapi sends
         ``controlnet_images``), ``controlnet_processor_res``, ``controlnet_threshold_a``/``_b``."""

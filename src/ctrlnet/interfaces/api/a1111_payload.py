@@ -105,7 +105,9 @@ Decoder = Callable[[str, str], np.ndarray]  # (base64 string, field name) -> (H,
 
 
 def _num(d: dict, key: str, kind=float, lo=None, hi=None):
-    v = d.get(key, A1111_DEFAULTS.get(key))
+    v = d.get(key)
+    if v is None:  # absent or null: A1111's default
+        v = A1111_DEFAULTS.get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -383,6 +385,9 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
         data.update(_hires(body, width, height, ignored))
 
     units_raw = _controlnet_args(body.get("alwayson_scripts"), ignored)
+    live = [u for u in units_raw if isinstance(u, dict) and _flag(u, "enabled", True)]
+    if len(live) > max_controls:  # before any image is decoded
+        raise ValueError(f"{len(live)} ControlNet units; the limit is {max_controls}")
     controls, images, append = [], [], []
     for i, u in enumerate(units_raw):
         got = _unit(u, i, catalog, decode, img2img, mask is not None, hires, ignored)
@@ -390,8 +395,6 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
             controls.append(got[0])
             images.append(got[1])
             append.append(got[2] and not no_maps)
-    if len(controls) > max_controls:
-        raise ValueError(f"{len(controls)} ControlNet units; the limit is {max_controls}")
     data["controls"] = controls
     req = request_from_dict(data, images, init_image=init, mask=mask)
     echo = {k: v for k, v in body.items()}
