@@ -131,7 +131,7 @@ def _flag(d: dict, key: str, default=False) -> bool:
 
 def _choice(table: dict, value, where: str):
     key = value.strip().lower() if isinstance(value, str) else value
-    if isinstance(key, bool) or key not in table:
+    if isinstance(key, bool) or not isinstance(key, (int, str)) or key not in table:
         names = [k for k in table if isinstance(k, str)]
         raise ValueError(f"{where}={value!r} is unknown; choose one of: {', '.join(names)} "
                          f"(or {', '.join(str(k) for k in table if isinstance(k, int))})")
@@ -190,9 +190,9 @@ def _sampler(d: dict, ignored: dict) -> tuple[str, str | None, float | None]:
         # A1111 passes eta only to samplers that take it; say so rather than drop it unseen
         ignored["eta"] = f"sampler {name!r} takes no eta (A1111 ignores it there too)"
         eta = None
-    if (d.get("s_churn") or 0) > 0:
+    if (_num(d, "s_churn") or 0) > 0:
         ignored["s_churn"] = "stochastic churn (and s_tmin/s_tmax) is not implemented"
-    if d.get("s_noise") not in (None, 1, 1.0):
+    if _num(d, "s_noise") not in (None, 1.0):
         ignored["s_noise"] = "noise scaling other than 1 is not offered through this API"
     return name, sched, eta
 
@@ -326,11 +326,11 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
         ignored["restore_faces"] = "no face restoration model on this server"
     if _flag(body, "tiling"):
         ignored["tiling"] = "seamless (tileable) output is not implemented"
-    if (body.get("subseed_strength") or 0) > 0:
+    if (_num(body, "subseed_strength") or 0) > 0:
         ignored["subseed_strength"] = "variation seeds are not implemented; the image uses the main seed only"
-    if (body.get("seed_resize_from_w") or 0) > 0 or (body.get("seed_resize_from_h") or 0) > 0:
+    if (_num(body, "seed_resize_from_w") or 0) > 0 or (_num(body, "seed_resize_from_h") or 0) > 0:
         ignored["seed_resize_from_w/h"] = "resizing the seed's noise is not implemented"
-    if body.get("initial_noise_multiplier") not in (None, 1, 1.0):
+    if _num(body, "initial_noise_multiplier") not in (None, 1.0):
         ignored["initial_noise_multiplier"] = "not implemented (1 is used)"
     if img2img and body.get("image_cfg_scale") is not None:
         ignored["image_cfg_scale"] = "only instruct-pix2pix models use it (A1111 ignores it for others too)"
