@@ -537,3 +537,17 @@ def test_auth_bearer_or_basic_with_the_token(server):
     assert httpx.get(url, auth=("someone", TOKEN)).status_code == 200
     assert httpx.get(url, auth=("someone", "wrong-password-0123456789")).status_code == 401
     assert httpx.get(url, auth=(TOKEN, "")).status_code == 401  # the token is the password, not the user
+
+
+def test_webuiapi_hires_fix_and_model_selection(api, server):
+    import httpx
+
+    res = api.txt2img(prompt="big", seed=9, steps=3, width=64, height=64, enable_hr=True, hr_scale=2,
+                      hr_second_pass_steps=2, denoising_strength=0.5, hr_upscaler="Latent", alwayson_scripts={})
+    assert res.images[0].size == (128, 128) and res.info["width"] == 128
+    assert "Hires upscale: 2.0" in res.images[0].info["parameters"]
+    api.util_set_model("random:tiny-sd1")  # POST /sdapi/v1/options with the loaded model: accepted
+    r = httpx.post(server[1] + "/sdapi/v1/options", auth=("u", TOKEN), json={"sd_model_checkpoint": "sdxl.safetensors"})
+    assert r.status_code == 422 and "random:tiny-sd1" in r.json()["detail"]
+    r = httpx.post(server[1] + "/sdapi/v1/options", auth=("u", TOKEN), json={"CLIP_stop_at_last_layers": 2})
+    assert r.status_code == 200 and "CLIP_stop_at_last_layers" in r.json()["ctrlnet_ignored"]

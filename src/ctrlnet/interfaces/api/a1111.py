@@ -206,6 +206,22 @@ def router_for(ctx: ServiceContext) -> APIRouter:
                 "eta_noise_seed_delta": 0, "control_net_unit_count": lim.max_controls,
                 "control_net_no_detectmap": False}
 
+    @r.post("/sdapi/v1/options", responses=_errors(400, 401, 422))
+    async def set_options(request: Request) -> Any:
+        """A1111 stores settings server-wide; here nothing is shared between requests, so only a
+        ``sd_model_checkpoint`` naming the loaded model is accepted (another one is refused) and every
+        other key is answered in ``ctrlnet_ignored`` (send it per request in ``override_settings``)."""
+        try:
+            body = await _json(request)
+            want = body.get("sd_model_checkpoint")
+            if want is not None and not (isinstance(want, str) and catalog_for(ctx).is_base(want)):
+                raise ValueError(f"sd_model_checkpoint={want!r}: this server has only "
+                                 f"{catalog_for(ctx).base_title!r} loaded")
+        except Exception as e:  # noqa: BLE001
+            return _as_error(e)
+        return {"ctrlnet_ignored": {k: "settings are per request here: send it in override_settings"
+                                    for k in body if k != "sd_model_checkpoint"}}
+
     @r.get("/sdapi/v1/scripts")
     def scripts() -> dict:
         # webuiapi asks this to learn which extensions exist: ControlNet is built in
