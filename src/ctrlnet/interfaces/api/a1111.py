@@ -26,7 +26,7 @@ from ctrlnet.interfaces import a1111_modules
 from ctrlnet.interfaces.api import codec
 from ctrlnet.interfaces.api.a1111_payload import Catalog, response, translate
 from ctrlnet.interfaces.api.context import ServiceContext
-from ctrlnet.interfaces.api.errors import http_error, scrub_paths
+from ctrlnet.interfaces.api.errors import ErrorBody, http_error, scrub_paths
 from ctrlnet.interfaces.api.jobs import CANCELLED, DONE, QueueFull
 
 CONTROLNET_API_VERSION = 3  # what sd-webui-controlnet's /controlnet/version answers today
@@ -48,7 +48,9 @@ _WORDS = {400: "unreadable input (not base64, not an image, malformed JSON)", 40
 
 
 def _errors(*codes: int) -> dict:
-    return {c: {"model": A1111Error, "description": _WORDS[c]} for c in codes}
+    # 401 (the service's auth) and 413 (its body limit) are answered before these routes run, in
+    # the service's own error shape
+    return {c: {"model": ErrorBody if c in (401, 413) else A1111Error, "description": _WORDS[c]} for c in codes}
 
 
 def short_hash(label: str) -> str:
@@ -147,13 +149,13 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         """A1111 img2img (init_images, mask, inpainting fields) with ControlNet units."""
         return await run(request, "img2img")
 
-    @r.get("/sdapi/v1/progress")
-    def progress(skip_current_image: bool = False) -> dict:
+    @r.get("/sdapi/v1/progress", responses=_errors(401))
+    def progress() -> dict:
         """The running job's progress (any job of this server, /v1 ones included); current_image is null."""
         job = ctx.queue.current()
         return _progress_state(job, labels.get(job.id) if job is not None else None)
 
-    @r.post("/sdapi/v1/interrupt")
+    @r.post("/sdapi/v1/interrupt", responses=_errors(401))
     def interrupt() -> dict:
         """Stop the running job at its next step (A1111's interrupt)."""
         job = ctx.queue.current()
@@ -161,13 +163,13 @@ def router_for(ctx: ServiceContext) -> APIRouter:
             ctx.queue.cancel(job.id)
         return {}
 
-    @r.post("/sdapi/v1/skip")
+    @r.post("/sdapi/v1/skip", responses=_errors(401))
     def skip() -> dict:
         """A1111 skips to the next image of a batch count; here a request is one job, so skip stops it
         like interrupt."""
         return interrupt()
 
-    @r.get("/sdapi/v1/samplers")
+    @r.get("/sdapi/v1/samplers", responses=_errors(401))
     def samplers() -> list[dict]:
         from ctrlnet.sampling.names import COMBINED_ALIASES, SAMPLER_ALIASES, SAMPLER_LABELS
         from ctrlnet.sampling.samplers import sampler_spec
@@ -180,7 +182,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
             out.append({"name": label, "aliases": aliases, "options": opts})
         return out
 
-    @r.get("/sdapi/v1/schedulers")
+    @r.get("/sdapi/v1/schedulers", responses=_errors(401))
     def schedulers() -> list[dict]:
         from ctrlnet.sampling.names import SCHEDULE_ALIASES, SCHEDULE_LABELS
 
@@ -192,21 +194,21 @@ def router_for(ctx: ServiceContext) -> APIRouter:
                          "default_rho": 7.0 if key == "karras" else -1, "need_inner_model": False})
         return rows
 
-    @r.get("/sdapi/v1/sd-models")
+    @r.get("/sdapi/v1/sd-models", responses=_errors(401))
     def sd_models() -> list[dict]:
         cat = catalog_for(ctx)
         name = ctx.base_label
         return [{"title": cat.base_title, "model_name": name.rsplit(".", 1)[0] if "." in name else name,
                  "hash": short_hash(name), "sha256": None, "filename": name, "config": None}]
 
-    @r.get("/sdapi/v1/options")
+    @r.get("/sdapi/v1/options", responses=_errors(401))
     def options() -> dict:
         return {"sd_model_checkpoint": catalog_for(ctx).base_title, "sd_checkpoint_hash": None,
                 "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "samples_format": "png",
                 "eta_noise_seed_delta": 0, "control_net_unit_count": lim.max_controls,
                 "control_net_no_detectmap": False}
 
-    @r.post("/sdapi/v1/options", responses=_errors(400, 401, 422))
+    @r.post("/sdapi/v1/options", responses=_errors(400, 401, 413, 422))
     async def set_options(request: Request) -> Any:
         """A1111 stores settings server-wide; here nothing is shared between requests, so only a
         ``sd_model_checkpoint`` naming the loaded model is accepted (another one is refused) and every
@@ -222,25 +224,28 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         return {"ctrlnet_ignored": {k: "settings are per request here: send it in override_settings"
                                     for k in body if k != "sd_model_checkpoint"}}
 
-    @r.get("/sdapi/v1/scripts")
+    @r.get("/sdapi/v1/scripts", responses=_errors(401))
     def scripts() -> dict:
         # webuiapi asks this to learn which extensions exist: ControlNet is built in
         return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
-    @r.get("/controlnet/version")
+    @r.get("/controlnet/version", responses=_errors(401))
     def cn_version() -> dict:
         return {"version": CONTROLNET_API_VERSION}
 
-    @r.get("/controlnet/model_list")
-    def cn_model_list(update: bool = True) -> dict:
+    @r.get("/controlnet/model_list", responses=_errors(401))
+    def cn_model_list() -> dict:
         return {"model_list": list(catalog_for(ctx).controlnets.values())}
 
-    @r.get("/controlnet/module_list")
-    def cn_module_list(alias_names: bool = False) -> dict:
+    @r.get("/controlnet/module_list", responses=_errors(401))
+    def cn_module_list(request: Request) -> dict:
+        """``?alias_names=true`` for the UI labels. (Query flags are read by hand, so a malformed one
+        means "no" as in a browser form, rather than a validation error.)"""
+        alias_names = request.query_params.get("alias_names", "").lower() in ("1", "true", "yes", "on")
         return {"module_list": a1111_modules.module_list(alias_names),
                 "module_detail": a1111_modules.module_detail(alias_names)}
 
-    @r.get("/controlnet/settings")
+    @r.get("/controlnet/settings", responses=_errors(401))
     def cn_settings() -> dict:
         return {"control_net_unit_count": lim.max_controls}
 

@@ -22,9 +22,10 @@ import logging
 import secrets
 import time
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ctrlnet.interfaces.api.context import ServiceContext, public_name
 from ctrlnet.interfaces.api.errors import scrub_paths
@@ -35,6 +36,7 @@ access_log = logging.getLogger("ctrlnet.access")
 _log = logging.getLogger(__name__)
 
 A1111_MODULE = "ctrlnet.interfaces.api.a1111"
+SECURITY_SCHEME = "bearer"
 
 
 class BodyTooLarge(Exception):
@@ -142,11 +144,20 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
     limits = limits or Limits()
     queue = JobQueue(limits.max_queue, keep_s=limits.keep_s, keep_count=limits.keep_count)
 
-    def auth(request: Request) -> None:
-        if token is None:
-            return
-        if not token_matches(request.headers.get("authorization", ""), token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if token is None:
+        def auth() -> None:
+            return None
+    else:
+        # FastAPI's HTTPBearer puts the scheme and each route's security into the OpenAPI
+        # document (for every router that depends on ``auth``, the A1111 one included)
+        bearer = HTTPBearer(auto_error=False, scheme_name=SECURITY_SCHEME,
+                            description="the token the operator set (CTRLNET_API_TOKEN or --token-file)")
+
+        # the bearer dependency documents the scheme; the check reads the header itself so that
+        # HTTP Basic with the token as the password (A1111 clients) is accepted too
+        def auth(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            if not token_matches(request.headers.get("authorization", ""), token):
+                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     ctx = ServiceContext(
         models=models, limits=limits, queue=queue, auth=auth,

@@ -18,8 +18,10 @@ from pydantic import BaseModel, Field
 from ctrlnet.image import ImageError
 
 # An absolute path (POSIX or Windows drive) where a message could start one: after a space,
-# quote, bracket or '=' (so the "//host/..." of a URL is left alone).
-_PATH = re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=]))(?:[A-Za-z]:[\\/]|~?/)[^\s'\",;)\]]*")
+# quote, bracket or '=' (so the "//host/..." of a URL is left alone); the service's own routes
+# ("see GET /v1/models") are not folders.
+_PATH = re.compile(r"(?:(?<=^)|(?<=[\s'\"(\[=]))(?!/(?:v1|sdapi|controlnet|health|docs|openapi)\b)"
+                   r"(?:[A-Za-z]:[\\/]|~?/)[^\s'\",;)\]]*")
 
 
 class ErrorBody(BaseModel):

@@ -94,10 +94,12 @@ class JobQueue:
     """See the module docstring. ``capacity``: jobs running + waiting; ``keep_s``/``keep_count``:
     how long and how many finished jobs stay readable."""
 
-    def __init__(self, capacity: int = 4, keep_s: float = 600.0, keep_count: int = 64):
+    def __init__(self, capacity: int = 4, keep_s: float = 600.0, keep_count: int = 64,
+                 clock: Callable[[], float] = time.monotonic):
         if capacity < 1 or keep_count < 1 or keep_s <= 0:
             raise ValueError(f"need capacity >= 1, keep_count >= 1, keep_s > 0; got {capacity}, {keep_count}, {keep_s}")
         self.capacity, self.keep_s, self.keep_count = capacity, float(keep_s), keep_count
+        self._clock = clock  # monotonic seconds; a test passes a fake one
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
@@ -113,7 +115,7 @@ class JobQueue:
     def submit(self, fn: Work, total_steps: int, kind: str = "job") -> Job:
         """Queue ``fn`` (``kind`` labels it for clients); raises :class:`QueueFull` when ``capacity`` jobs are running or waiting,
         RuntimeError after :meth:`shutdown`."""
-        job = Job(fn=fn, total=max(1, int(total_steps)), kind=kind)
+        job = Job(fn=fn, total=max(1, int(total_steps)), kind=kind, created_at=self._clock())
         with self._cv:
             if self._closed:
                 raise RuntimeError("the job queue is shut down")
@@ -160,6 +162,7 @@ class JobQueue:
                 self._waiting.remove(job)
                 job.cancel_event.set()
                 self._finish(job, CANCELLED)
+                self._update_etas()
                 self._notify(job)
             elif job.state == RUNNING:
                 job.cancel_event.set()
@@ -174,6 +177,12 @@ class JobQueue:
                 return self._waiting.index(job) + 1
             except ValueError:
                 return None
+
+    def jobs(self) -> list[Job]:
+        """Every job still readable: finished (oldest first), running, then waiting."""
+        with self._cv:
+            self._expire()
+            return [*self._finished, *([self._running] if self._running else []), *self._waiting]
 
     def current(self) -> Job | None:
         """The running job, if any."""
@@ -254,7 +263,7 @@ class JobQueue:
                     return
                 job = self._waiting.popleft()
                 self._running = job
-                job.state, job.started_at, job.started_wall = RUNNING, time.monotonic(), time.time()
+                job.state, job.started_at, job.started_wall = RUNNING, self._clock(), time.time()
                 self._update_etas()
             self._notify(job)
             self._run(job)
@@ -277,7 +286,7 @@ class JobQueue:
         if state == DONE and job.cancel_event.is_set() and job.step < job.total:
             state = CANCELLED  # work that ignores cancel() still reports what the client asked for
         with self._cv:
-            elapsed = time.monotonic() - job.started_at
+            elapsed = self._clock() - job.started_at
             if job.step > 0:  # time spread over the steps done (setup and decode included)
                 self._timing.append((elapsed, job.step))
             job.result, job.error = (result if state == DONE else None), error
@@ -296,7 +305,7 @@ class JobQueue:
             return secs / steps
         run = self._running
         if run is not None and run.step > 0:
-            return (time.monotonic() - run.started_at) / run.step
+            return (self._clock() - run.started_at) / run.step
         return _PRIOR_S_PER_STEP
 
     def _update_etas(self) -> None:
@@ -310,14 +319,15 @@ class JobQueue:
             job.eta_s = ahead * pace
 
     def _finish(self, job: Job, state: str) -> None:
+        job.fn = None  # the work's closure holds the request's images; the result is what stays
         job.state, job.eta_s = state, 0.0
-        job.finished_at, job.finished_wall = time.monotonic(), time.time()
+        job.finished_at, job.finished_wall = self._clock(), time.time()
         self._finished.append(job)
         job.done_event.set()
         self._expire()
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         while self._finished and (len(self._finished) > self.keep_count
                                   or now - self._finished[0].finished_at > self.keep_s):
             old = self._finished.popleft()

@@ -1,18 +1,14 @@
 """The service's OpenAPI document with this server's facts in it: the request bodies (parsed by
 hand, so published here), their bounds from :class:`~ctrlnet.interfaces.limits.Limits`, the enums
-(samplers, schedules, annotators, control/resize modes, loaded ControlNets) and the bearer scheme on
-the routes that need the token, so generated clients and fuzzers stay in range."""
+(samplers, schedules, annotators, control/resize modes, loaded ControlNets), so generated clients
+and fuzzers stay in range. (The bearer scheme comes from the auth dependency, see :mod:`.app`.)"""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 
 from ctrlnet.generation.request import MAX_SEED, ControlMode, InpaintFill, ResizeMode, Upscaler
-
-SECURITY_SCHEME = "bearer"
-
 
 def _set(prop: dict, **kw) -> None:
     """Constrain a property; for ``Optional[...]`` (anyOf with null) the non-null branch."""
@@ -78,15 +74,6 @@ def _bounds(schemas: dict, ctx) -> None:
     _set(a["image"], contentEncoding="base64")
 
 
-def _secured_operations(app: FastAPI, auth) -> set[tuple[str, str]]:
-    """(path, method) of every route that depends on ``auth``."""
-    out = set()
-    for route in app.routes:
-        if isinstance(route, APIRoute) and any(d.call is auth for d in route.dependant.dependencies):
-            out |= {(route.path, m.lower()) for m in route.methods}
-    return out
-
-
 def document(app: FastAPI, ctx) -> dict:
     """The OpenAPI document (built once per app)."""
     if app.openapi_schema is not None:
@@ -100,13 +87,5 @@ def document(app: FastAPI, ctx) -> dict:
         comps.update(s.pop("$defs", {}))
         comps[m.__name__] = s
     _bounds(comps, ctx)
-    if ctx.token_set:
-        schema["components"]["securitySchemes"] = {
-            SECURITY_SCHEME: {"type": "http", "scheme": "bearer",
-                              "description": "the token the operator set (CTRLNET_API_TOKEN or --token-file)"}}
-        for path, method in _secured_operations(app, ctx.auth):
-            op = schema["paths"].get(path, {}).get(method)
-            if op is not None:
-                op["security"] = [{SECURITY_SCHEME: []}]
     app.openapi_schema = schema
     return schema

@@ -15,16 +15,22 @@ import json
 from dataclasses import asdict
 from typing import Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from ctrlnet.generation.request import GenerationRequest
 from ctrlnet.interfaces.api import codec
 from ctrlnet.interfaces.api.context import ServiceContext
 from ctrlnet.interfaces.api.errors import ErrorBody, http_error
 from ctrlnet.interfaces.api.jobs import CANCELLED, DONE, FAILED, Job, JobExpired, JobNotFound
 
 # ---- bodies (documentation and response shapes) -------------------------------------------------
+
+# A 16x16 PNG (a white square on black) for the documented examples (and so a fuzzer's explicit
+# examples reach the annotators and the units).
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAH0lEQVR42mNgGPqAEZnz//9/7IoYEcqYSLVhVMNIAQDU3gMQ"
+               "8xD61AAAAABJRU5ErkJggg==")
 
 
 class ControlBody(BaseModel):
@@ -50,17 +56,25 @@ class ControlBody(BaseModel):
 class GenerateBody(BaseModel):
     """A generation request: txt2img, img2img (init_image), inpainting (+ mask), hires fix, units."""
 
+    model_config = {"json_schema_extra": {"examples": [
+        {"prompt": "a house", "seed": 1, "steps": 2, "resolution": 64},
+        {"prompt": "a box", "seed": 2, "steps": 2, "width": 64, "height": 64,
+         "controls": [{"image": EXAMPLE_PNG, "annotator": "canny", "control_mode": "prompt"}]},
+        {"prompt": "a box", "seed": 3, "steps": 2, "width": 64, "height": 64, "init_image": EXAMPLE_PNG,
+         "mask": EXAMPLE_PNG, "denoising_strength": 0.5}]}}
+
     prompt: str = ""
     added_prompt: Optional[str] = Field(None, description="appended to the prompt; null = the model's default")
     negative_prompt: Optional[str] = Field(None, description="null = the model's default")
     controls: list[ControlBody] = Field(default_factory=list, description="ControlNet units")
     num_images: int = Field(1, description="images in the batch; image k uses seed + k")
     resolution: Optional[int] = Field(None, description="short side when width/height are not given; "
-                                                        "null = the model's (GET /v1/models: defaults), else 512")
+                                                        "null = the model's (GET /v1/models: defaults), else 512 "
+                                                        "(at most the server's max_resolution)")
     width: Optional[int] = Field(None, description="output width (multiple of 8), with height; null = from resolution")
     height: Optional[int] = Field(None, description="output height (multiple of 8), with width")
     max_pixels: Optional[int] = Field(None, description="refuse outputs larger than this many pixels per image")
-    steps: Optional[int] = Field(None, description="null = the model's, else 20")
+    steps: Optional[int] = Field(None, description="null = the model's, else 20 (at most the server's max_steps)")
     guidance_scale: Optional[float] = Field(None, description="CFG scale; null = the model's, else 9")
     seed: int = Field(-1, description="-1 = random; the seeds used are returned")
     eta: Optional[float] = Field(None, description="null = the sampler's (DDIM 0, ancestral/SDE samplers 1)")
@@ -115,6 +129,9 @@ class JobStatus(BaseModel):
 
 
 class AnnotateBody(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [{"image": EXAMPLE_PNG, "annotator": "canny",
+                                                        "params": {"low_threshold": 50}}]}}
+
     image: str = Field(description="base64 image")
     annotator: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -139,7 +156,9 @@ def _errors(*codes: int) -> dict:
 
 
 def _schema_extra(model: type[BaseModel], multipart: dict | None = None) -> dict:
-    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    examples = model.model_config.get("json_schema_extra", {}).get("examples", [])
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+                                    "examples": {f"example{i}": {"value": v} for i, v in enumerate(examples)}}}
     if multipart:
         content["multipart/form-data"] = {"schema": {"type": "object", "properties": multipart}}
     return {"requestBody": {"required": True, "content": content}}
@@ -237,8 +256,14 @@ async def read_generate(request: Request, ctx: ServiceContext):
               for i, b in enumerate(blobs)]
     init = None if init_blob is None else codec.decode_image(init_blob, "init_image", lim)
     mask = None if mask_blob is None else codec.decode_image(mask_blob, "mask", lim, keep_alpha=True)
+    data = with_model_defaults(data, ctx.models.defaults)
+    # without a model default, the request's default, within this server's bounds
+    if data.get("resolution") is None:
+        data["resolution"] = min(GenerationRequest.resolution, lim.max_resolution)
+    if data.get("steps") is None:
+        data["steps"] = min(GenerationRequest.steps, lim.max_steps)
     try:
-        return request_from_dict(with_model_defaults(data, ctx.models.defaults), images, init_image=init, mask=mask)
+        return request_from_dict(data, images, init_image=init, mask=mask)
     except (ValueError, KeyError) as e:
         raise http_error(e) from None
 
@@ -282,6 +307,9 @@ def job_status(ctx: ServiceContext, job: Job) -> dict:
     elif job.state == DONE and out["kind"] == "generate":
         out["result"] = job.result
     return out
+
+
+JobId = Path(pattern="^[0-9a-f]{32}$", description="the id POST /v1/jobs returned")
 
 
 def _lookup(ctx: ServiceContext, job_id: str) -> Job:
@@ -360,13 +388,18 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         job = submit_generation(req)
         return JSONResponse(job_status(ctx, job), status_code=202)
 
-    @r.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(401, 404, 410))
-    def get_job(job_id: str):
+    @r.get("/jobs", response_model=list[JobStatus], responses=_errors(401))
+    def list_jobs():
+        """Every job still kept (finished ones oldest first, then the running one, then the queue), without results."""
+        return [{**job_status(ctx, j), "result": None} for j in ctx.queue.jobs()]
+
+    @r.get("/jobs/{job_id}", response_model=JobStatus, responses=_errors(401, 404, 410, 422))
+    def get_job(job_id: str = JobId):
         """State, progress, ETA, queue position; the images once done."""
         return job_status(ctx, _lookup(ctx, job_id))
 
-    @r.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(401, 404, 410))
-    def cancel_job(job_id: str):
+    @r.delete("/jobs/{job_id}", response_model=JobStatus, responses=_errors(401, 404, 410, 422))
+    def cancel_job(job_id: str = JobId):
         """Cancel: a queued job never starts, a running one stops at its next step (state turns
         'cancelled' then); a finished one is left as it is."""
         return job_status(ctx, ctx.queue.cancel(_lookup(ctx, job_id).id))
@@ -374,8 +407,8 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     @r.get("/jobs/{job_id}/events", responses={
         200: {"description": "server-sent events: 'queued'/'running' with the job's progress, then one of "
                              "'done'/'failed'/'cancelled' (the stream ends)",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_errors(401, 404, 410)})
-    async def job_events(job_id: str):
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_errors(401, 404, 410, 422)})
+    async def job_events(job_id: str = JobId):
         """Progress as server-sent events (each event's data is the JSON of JobStatus without the result)."""
         from sse_starlette.sse import EventSourceResponse
 
