@@ -89,6 +89,59 @@ async def _json(request: Request) -> dict:
     return data
 
 
+def _body_schemas(ctx: ServiceContext, cat: Catalog) -> dict[str, dict]:
+    """JSON schemas of the bodies (parsed by hand, so published here) with this server's bounds and
+    names: the fields most clients send; any other A1111 field is accepted too (see README)."""
+    from ctrlnet.sampling.names import sampler_names, schedule_names
+
+    lim = ctx.limits
+    num = lambda lo, hi, **kw: {"type": "number", "minimum": lo, "maximum": hi, **kw}  # noqa: E731
+    size = {"type": "integer", "minimum": 64, "maximum": lim.max_resolution, "multipleOf": 8}
+    b64 = {"type": "string", "description": "base64 image (PNG/JPEG/WebP; a data: URL prefix is accepted)"}
+    unit = {"type": "object", "properties": {
+        "enabled": {"type": "boolean"}, "image": b64, "mask": {**b64, "nullable": True},
+        "module": {"type": "string", "enum": sorted({n for m in a1111_modules.MODULES for n in (m.name, m.label)})},
+        "model": {"type": "string", "enum": list(cat.controlnets.values()) + list(cat.controlnets)},
+        "weight": num(0, 2), "resize_mode": {"type": "string", "enum": ["Just Resize", "Crop and Resize", "Resize and Fill"]},
+        "processor_res": {"type": "integer", "minimum": 64, "maximum": lim.max_resolution},
+        "threshold_a": {"type": "number"}, "threshold_b": {"type": "number"},
+        "guidance_start": num(0, 1), "guidance_end": num(0, 1),
+        "control_mode": {"type": "string", "enum": ["Balanced", "My prompt is more important",
+                                                    "ControlNet is more important"]},
+        "pixel_perfect": {"type": "boolean"}}, "required": ["model"]}
+    common = {
+        "prompt": {"type": "string", "maxLength": lim.max_prompt_chars},
+        "negative_prompt": {"type": "string", "maxLength": lim.max_prompt_chars},
+        "seed": {"type": "integer", "minimum": -1, "maximum": 2**32 - 1},
+        "sampler_name": {"type": "string", "enum": sampler_names(with_schedules=True)},
+        "scheduler": {"type": "string", "enum": schedule_names()},
+        "steps": {"type": "integer", "minimum": 1, "maximum": lim.max_steps}, "cfg_scale": num(0, 50),
+        "width": size, "height": size, "batch_size": {"type": "integer", "minimum": 1, "maximum": lim.max_images},
+        "n_iter": {"type": "integer", "minimum": 1, "maximum": 1}, "send_images": {"type": "boolean"},
+        "alwayson_scripts": {"type": "object", "properties": {"controlnet": {
+            "type": "object", "properties": {"args": {"type": "array", "items": unit,
+                                                      "maxItems": lim.max_controls}}}}}}
+    txt = {"type": "object", "properties": {**common, "enable_hr": {"type": "boolean"},
+                                            "hr_scale": num(1, 8), "denoising_strength": num(0, 1)}}
+    img = {"type": "object", "required": ["init_images"], "properties": {
+        **common, "init_images": {"type": "array", "items": b64, "minItems": 1, "maxItems": 1},
+        "mask": b64, "denoising_strength": num(0, 1), "mask_blur": {"type": "integer", "minimum": 0, "maximum": 64},
+        "inpainting_fill": {"type": "integer", "enum": [0, 1, 2, 3]}, "inpaint_full_res": {"type": "boolean"},
+        "inpaint_full_res_padding": {"type": "integer", "minimum": 0, "maximum": 256},
+        "inpainting_mask_invert": {"type": "integer", "enum": [0, 1]},
+        "resize_mode": {"type": "integer", "enum": [0, 1, 2, 3]}}}
+    detect = {"type": "object", "required": ["controlnet_module", "controlnet_input_images"], "properties": {
+        "controlnet_module": unit["properties"]["module"],
+        "controlnet_input_images": {"type": "array", "items": b64, "minItems": 1, "maxItems": lim.max_controls},
+        "controlnet_processor_res": unit["properties"]["processor_res"],
+        "controlnet_threshold_a": {"type": "number"}, "controlnet_threshold_b": {"type": "number"}}}
+    return {"txt2img": txt, "img2img": img, "detect": detect}
+
+
+def _body(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _progress_state(job, label: str | None) -> dict:
     """A1111's ``ProgressResponse`` from a job (None = idle)."""
     if job is None:
@@ -109,6 +162,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     r = APIRouter(dependencies=[Depends(ctx.auth)], tags=["a1111"])
     lim = ctx.limits
     labels: OrderedDict[str, str] = OrderedDict()  # job id -> "txt2img"/"img2img" (for progress)
+    bodies = _body_schemas(ctx, catalog_for(ctx))
 
     def decode(s, where):
         return codec.image_from_b64(s, where, lim, keep_alpha=where.startswith("controlnet"))
@@ -139,12 +193,12 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         e = http_error(job.error, before_work=False)
         return _error(e.status_code, str(e.detail), type(job.error).__name__)
 
-    @r.post("/sdapi/v1/txt2img", responses=_errors(400, 401, 413, 422, 429, 503))
+    @r.post("/sdapi/v1/txt2img", responses=_errors(400, 401, 413, 422, 429, 503), openapi_extra=_body(bodies["txt2img"]))
     async def txt2img(request: Request) -> Any:
         """A1111 txt2img with ``alwayson_scripts.controlnet.args`` units; see README for the fields."""
         return await run(request, "txt2img")
 
-    @r.post("/sdapi/v1/img2img", responses=_errors(400, 401, 413, 422, 429, 503))
+    @r.post("/sdapi/v1/img2img", responses=_errors(400, 401, 413, 422, 429, 503), openapi_extra=_body(bodies["img2img"]))
     async def img2img(request: Request) -> Any:
         """A1111 img2img (init_images, mask, inpainting fields) with ControlNet units."""
         return await run(request, "img2img")
@@ -249,7 +303,8 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     def cn_settings() -> dict:
         return {"control_net_unit_count": lim.max_controls}
 
-    @r.post("/controlnet/detect", responses=_errors(400, 401, 409, 413, 422, 429, 503))
+    @r.post("/controlnet/detect", responses=_errors(400, 401, 409, 413, 422, 429, 503),
+            openapi_extra=_body(bodies["detect"]))
     async def cn_detect(request: Request) -> Any:
         """Run a module on images: ``controlnet_module``, ``controlnet_input_images`` (webuiapi sends
         ``controlnet_images``), ``controlnet_processor_res``, ``controlnet_threshold_a``/``_b``."""
