@@ -364,7 +364,7 @@ def test_openapi_declares_auth_errors_bounds_and_enums(make_client):
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
-            if path.startswith("/v1/"):
+            if path.startswith(("/v1/", "/sdapi/", "/controlnet/")):  # the API routes, A1111's included
                 assert op.get("security") == [{"bearer": []}], (path, method)
                 assert op["responses"]["401"]["content"]["application/json"]["schema"] == {
                     "$ref": "#/components/schemas/ErrorBody"}

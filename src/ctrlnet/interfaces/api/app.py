@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -109,6 +109,23 @@ def _mount_a1111(app: FastAPI, ctx: ServiceContext) -> bool:
     return True
 
 
+def token_matches(header: str, token: str) -> bool:
+    """``Authorization: Bearer <token>``, or HTTP Basic with the token as the password (any user
+    name): A1111 clients started against ``--api-auth`` send Basic, and so they work unchanged."""
+    if header.startswith("Bearer "):
+        return secrets.compare_digest(header[7:].encode(), token.encode())
+    if header.startswith("Basic "):
+        import base64
+        import binascii
+
+        try:
+            user_pass = base64.b64decode(header[6:], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return False
+        return secrets.compare_digest(user_pass.partition(":")[2].encode(), token.encode())
+    return False
+
+
 def create_app(models, limits: Limits | None = None, token: str | None = None, base_name: str | None = None,
                controlnet_names: dict[str, str] | None = None) -> FastAPI:
     """The service over loaded models (a ``Models`` or a ``LoadedModels`` from ``model_args``).
@@ -136,8 +153,10 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
         bearer = HTTPBearer(auto_error=False, scheme_name=SECURITY_SCHEME,
                             description="the token the operator set (CTRLNET_API_TOKEN or --token-file)")
 
-        def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-            if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        # the bearer dependency documents the scheme; the check reads the header itself so that
+        # HTTP Basic with the token as the password (A1111 clients) is accepted too
+        def auth(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            if not token_matches(request.headers.get("authorization", ""), token):
                 raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     ctx = ServiceContext(
