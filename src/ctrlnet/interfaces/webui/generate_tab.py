@@ -206,7 +206,7 @@ class GenerateTab:
                     elif mode == "inpaint":
                         self.editor = gr.ImageMask(label="Image: paint the area to repaint", type="filepath",
                                                    format="png", sources=["upload", "clipboard"],
-                                                   brush=gr.Brush(default_size="auto", colors=["#ffffff"],
+                                                   brush=gr.Brush(default_size=16, colors=["#ffffff"],
                                                                   color_mode="fixed"),
                                                    elem_id=f"{m}-editor", height=420)
                         with gr.Accordion("Upload a mask instead (white = repaint)", open=False):

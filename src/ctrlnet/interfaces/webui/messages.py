@@ -40,7 +40,7 @@ def error(e: BaseException | str) -> gr.Error:
     else:
         msg = str(e) if isinstance(e, str) else (str(e) or type(e).__name__)
     msg = scrub(msg)
-    return gr.Error(msg, duration=None if len(msg) > 120 else 10)
+    return gr.Error(msg, duration=None if len(msg) > 120 else 10, print_exception=False)
 
 
 def read_upload(value, what: str, keep_alpha: bool = False):
