@@ -336,15 +336,20 @@ class GenerateTab:
             u.wire(size, self.holder.net_names, self.mode)
         source = self.init if self.init is not None else self.editor
         if source is not None:
-            def fit_size(value):
-                img = mask_from_editor(value)[0] if isinstance(value, dict) else read_upload(value, "image")
-                if img is None:
-                    return gr.update(), gr.update()
-                h, w = img.shape[:2]
-                return (min(MAX_SIDE, max(64, round(w / 8) * 8)), min(MAX_SIDE, max(64, round(h / 8) * 8)))
+            fitted = gr.State(None)  # the (h, w) of the image the size was last set from
 
-            # A new image sets the size to its own (rounded to 8), so it is not stretched
-            source.upload(fit_size, source, [s["width"], s["height"]], api_visibility="private")
+            def fit_size(value, last):
+                img = mask_from_editor(value)[0] if isinstance(value, dict) else read_upload(value, "image")
+                if img is None or tuple(img.shape[:2]) == (tuple(last) if last else None):
+                    return gr.update(), gr.update(), last  # a brush stroke, or no image: the size stays
+                h, w = img.shape[:2]
+                return (min(MAX_SIDE, max(64, round(w / 8) * 8)), min(MAX_SIDE, max(64, round(h / 8) * 8)),
+                        (h, w))
+
+            # A new image sets the size to its own (rounded to 8), so it is not stretched. On change,
+            # not upload: the editor sends its background asynchronously, after the upload event.
+            source.change(fit_size, [source, fitted], [s["width"], s["height"], fitted], api_visibility="private",
+                          api_name=f"{self.mode}_fit_size")
 
     def apply(self, fields: dict) -> list:
         """Widget updates (settings, then each unit's widgets) for request fields from PNG info;
