@@ -112,18 +112,17 @@ def test_run_generation_is_generate_with_two_units_and_batches(models, holder, t
              UnitValues(True, b, "none", model="scribble_net", weight=0.8, start=0.2, control_mode="controlnet",
                         resize_mode="just_resize"),
              UnitValues(False, a)]
-    out = run_generation(holder, tmp_path, "txt2img", _settings(batch_count=2, num_images=2), units)
-    assert out.seeds == [5, 6, 7, 8] and len(out.images) == 4 and out.seed == 5
-    assert out.status == "Done: 4 image(s), 6 steps." and len(out.maps) == 2
+    out = run_generation(holder, tmp_path, "txt2img", _settings(batch_count=2), units)
+    assert out.seeds == [5, 6] and len(out.images) == 2 and out.seed == 5
+    assert out.status == "Done: 2 image(s), 6 steps." and len(out.maps) == 2
     req = GenerationRequest(prompt="a box", added_prompt="", negative_prompt="", width=64, height=64, steps=3,
-                            guidance_scale=7.0, seed=7, num_images=2, sampler="DDIM", controls=[
+                            guidance_scale=7.0, seed=6, sampler="DDIM", controls=[
                                 ControlSpec(a, "canny_edges", detect_resolution=512),
                                 ControlSpec(b, "scribble_net", detect_resolution=512, strength=0.8, start=0.2,
                                             control_mode="controlnet", resize_mode="just_resize")])
     ref = generate(models, req)
-    for k in range(2):  # the second batch continues the seeds and is the same request
-        got = np.asarray(Image.open(out.images[2 + k]).convert("RGB"))
-        assert np.array_equal(got, ref.images[k])
+    got = np.asarray(Image.open(out.images[1]).convert("RGB"))  # the second batch continues the seeds
+    assert np.array_equal(got, ref.images[0])
     rec = json.loads(Image.open(out.images[0]).info["ctrlnet"])
     assert rec["request"]["seed"] == 5 and rec["request"]["controls"][1]["control_mode"] == "controlnet"
     assert "ControlNet 1: \"Module: none, Model: scribble_net, Weight: 0.8" in out.info and "Seed: 5" in out.info
@@ -380,3 +379,28 @@ def test_scan_models_dir(tmp_path):
     bases, nets = scan_models_dir(tmp_path)
     assert [Path(b).name for b in bases] == ["base.safetensors"]
     assert sorted(Path(n).name for n in nets) == ["control_v11p_sd15_canny.pth", "edges.safetensors"]
+
+
+def test_login_from_the_auth_file(models, tmp_path):
+    import socket
+
+    import httpx
+
+    from ctrlnet.interfaces.webui import build_app, launch
+
+    users = tmp_path / "users"
+    users.write_text("ana:s3cret\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(models, outputs_dir=tmp_path, units=1)
+    launch(app, port=port, auth_file=users, outputs_dir=tmp_path, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.get("/config").status_code == 401
+            assert c.post("/login", data={"username": "ana", "password": "wrong"}).status_code == 400
+            assert c.post("/login", data={"username": "ana", "password": "s3cret"}).status_code == 200
+            assert c.get("/config").status_code == 200
+    finally:
+        app.close()
