@@ -149,15 +149,15 @@ def test_interfaces_read_control_images_with_the_loader(tmp_path):
 
 def test_web_ui_reads_uploads_with_the_loader(tmp_path):
     pytest.importorskip("gradio")
-    from ctrlnet.interfaces.webui import _uploaded
+    from ctrlnet.interfaces.webui.messages import read_upload
 
     path = tmp_path / "up.png"
     path.write_bytes(_with_orientation(_marked(), "PNG", 3))
-    assert np.array_equal(_uploaded(str(path)), np.rot90(_marked(), k=2))
+    assert np.array_equal(read_upload(str(path), "image"), np.rot90(_marked(), k=2))
     arr = np.zeros((8, 8, 3), np.uint8)
-    assert _uploaded(arr) is arr and _uploaded(None) is None
+    assert read_upload(arr, "image") is arr and read_upload(None, "image") is None
     (tmp_path / "bad.png").write_text("nope")
     import gradio as gr
 
     with pytest.raises(gr.Error, match="not a usable image"):
-        _uploaded(str(tmp_path / "bad.png"))
+        read_upload(str(tmp_path / "bad.png"), "image")

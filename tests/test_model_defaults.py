@@ -121,16 +121,16 @@ def test_webui_sliders_start_at_the_model_defaults(model_file, tmp_path):
     from ctrlnet.interfaces.webui import build_app
     from ctrlnet.pipeline import demo_dir, load_models
 
-    def sliders(app):
+    def sliders(app):  # the txt2img / img2img / inpaint tabs' settings
         comps = list(app.blocks.values())
-        return {lab: {c.value for c in comps if getattr(c, "label", None) == lab}
-                for lab in ("Image resolution", "Steps", "Guidance scale")}
+        return {k: {c.value for c in comps if getattr(c, "elem_id", None) in (f"{m}-{k}" for m in
+                                                                              ("txt2img", "img2img", "inpaint"))}
+                for k in ("width", "height", "steps", "cfg")}
 
     app = build_app(load_models(str(model_file), [], device="cpu"), outputs_dir=tmp_path)
     got = sliders(app)
-    assert got["Image resolution"] == {64} and got["Guidance scale"] == {3.5}
-    assert 2 in got["Steps"]  # the generation tabs (the colorize tab keeps its own steps slider)
+    assert got["width"] == got["height"] == {64} and got["cfg"] == {3.5} and got["steps"] == {2}
     if (demo_dir() / "demo_base.safetensors").is_file():  # the embedded model, loaded on first use
         got = sliders(build_app(None, outputs_dir=tmp_path))
-        assert got["Image resolution"] == {128}
+        assert got["width"] == {128}
     assert isinstance(app, gr.Blocks)

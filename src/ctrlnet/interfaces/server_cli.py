@@ -15,9 +15,10 @@ def add_ui_parser(sub) -> None:
 
     p = sub.add_parser(
         "ui", help="open the web app (needs: pip install 'ctrlnet[ui]')",
-        description="Start the web app: one tab per control type (canny, lines, soft edges, scribble canvas, "
-                    "pose, depth, normals, segmentation, line-art colorization, ready-made maps). Open the "
-                    "printed address in a browser. Models can be switched in the app from --models-dir.",
+        description="Start the web app: txt2img, img2img and inpaint tabs with ControlNet units (preprocessor "
+                    "preview, control and resize modes, start/end), samplers and schedules, hires fix, batch "
+                    "runs with Interrupt, PNG info, line-art and reference colorization. Open the printed "
+                    "address in a browser. Models can be switched in the app from --models-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = reachable from other machines)")
@@ -26,6 +27,9 @@ def add_ui_parser(sub) -> None:
                    help="folder of base models and ControlNets offered in the app's model menus")
     p.add_argument("--outputs", default="outputs", help="folder where generated PNGs are kept")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    p.add_argument("--units", type=int, default=3, help="ControlNet units per tab (1-10)")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help="require a login: FILE holds user:password lines (for a shared server)")
     add_model_args(p)
     p.set_defaults(func=_cmd_ui)
 
@@ -73,11 +77,12 @@ def _cmd_ui(args) -> int:
     except ImportError as e:
         print(f"ctrlnet ui needs Gradio: pip install 'ctrlnet[ui]' ({e})", file=sys.stderr)
         return 1
+    if args.auth_file:
+        webui.read_auth_file(args.auth_file)  # a bad file is refused before the models load
     loaded = load_from_args(args)
     app = webui.build_app(loaded, models_dir=args.models_dir, outputs_dir=args.outputs,
-                          device=args.device, dtype=args.dtype)
-    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                  allowed_paths=[args.outputs])
+                          device=args.device, dtype=args.dtype, units=args.units)
+    webui.launch(app, args.host, args.port, share=args.share, auth_file=args.auth_file, outputs_dir=args.outputs)
     return 0
 
 
