@@ -163,7 +163,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
         models=models, limits=limits, queue=queue, auth=auth,
         base_label=public_name(base_name if base_name is not None else models.base.source),
         nets_label={k: public_name((controlnet_names or {}).get(k, k)) for k in models.controlnets},
-        dtype_label=str(models.dtype).replace("torch.", ""), token_set=token is not None)
+        dtype_label=str(models.dtype).replace("torch.", ""))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -38,7 +38,6 @@ class ServiceContext:
     base_label: str
     nets_label: dict[str, str]
     dtype_label: str
-    token_set: bool = False
 
     def check(self, req: GenerationRequest):
         """Check ``req`` against the limits and the loaded models and plan it (nothing heavy runs).

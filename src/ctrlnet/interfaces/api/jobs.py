@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import threading
 import time
@@ -33,6 +34,7 @@ FINISHED = (DONE, FAILED, CANCELLED)
 
 Work = Callable[[Callable[[int, int], None], Callable[[], bool]], Any]
 
+_log = logging.getLogger(__name__)
 _PRIOR_S_PER_STEP = 1.0  # used only until the first step of this server has been timed
 _TIMING_WINDOW = 32  # finished jobs whose pace makes the running mean
 
@@ -283,6 +285,8 @@ class JobQueue:
 
             state = CANCELLED if isinstance(e, GenerationCancelled) else FAILED
             error = None if state == CANCELLED else e
+            if error is not None:  # the client gets a short message; the operator the traceback
+                _log.info("job %s (%s) failed", job.id, job.kind, exc_info=error)
         if state == DONE and job.cancel_event.is_set() and job.step < job.total:
             state = CANCELLED  # work that ignores cancel() still reports what the client asked for
         with self._cv:
