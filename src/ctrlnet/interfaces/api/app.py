@@ -8,7 +8,8 @@ document at ``/openapi.json`` with its docs at ``/docs`` served without any CDN.
 Everything a request could make expensive is checked before work starts: body size (413), image
 pixels (413), resolution/steps/images/output pixels (422). One job runs at a time (one device); at
 most ``Limits.max_queue`` jobs wait or run, more get 429 with a ``Retry-After`` measured from the
-server's own step times. With a token set, the API routes need ``Authorization: Bearer <token>``.
+server's own step times. With a token set, the API routes need ``Authorization: Bearer <token>`` (or HTTP
+Basic with the token as the password, as A1111 clients send).
 Clients never name files: models are chosen by the names the server loaded, annotator folders and
 devices are the operator's, and no error message names a server folder.
 """
