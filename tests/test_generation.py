@@ -438,3 +438,10 @@ def test_ddim_sigmas_used_by_img2img_are_the_tail_of_the_schedule(models):
     plan = make_plan(models, _req(init_image=_picture(), width=64, height=64, steps=10, denoising_strength=0.6))
     full = ddim_sigmas(models.schedule, 10)
     assert torch.equal(plan.sigmas(False, models.schedule), full[4:])
+
+
+def test_resolution_is_checked_only_where_it_sizes_a_side():
+    """An explicit width and height make ``resolution`` unused, so its bound must not refuse them."""
+    GenerationRequest(width=128, height=96, resolution=4096).validate(max_resolution=1024)
+    with pytest.raises(ValueError, match="resolution"):
+        GenerationRequest(width=128, resolution=4096).validate(max_resolution=1024)

@@ -203,7 +203,9 @@ class GenerationRequest:
 
         checks = [
             ("num_images", 1 <= self.num_images <= max_images, f"between 1 and {max_images}"),
-            ("resolution", 64 <= self.resolution <= max_resolution, f"between 64 and {max_resolution}"),
+            # resolution only sizes a side that width/height leave open
+            ("resolution", (self.width is not None and self.height is not None)
+             or 64 <= self.resolution <= max_resolution, f"between 64 and {max_resolution}"),
             ("width", self.width is None or (64 <= self.width and self.width % 8 == 0), "a multiple of 8, at least 64"),
             ("height", self.height is None or (64 <= self.height and self.height % 8 == 0),
              "a multiple of 8, at least 64"),
