@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="sd15", help="model size; tiny-sd1 tries the script out in seconds "
+                    "(use another --dir for it)")
     ap.add_argument("--sides", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
     ap.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -165,7 +167,8 @@ def main() -> None:
         r["peak_gib"] = _peak_gib()
         print(json.dumps(r))
         return
-    subprocess.run([sys.executable, str(HERE / "sd15_files.py"), str(folder)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, str(HERE / "sd15_files.py"), str(folder), args.preset], check=True,
+                   stdout=subprocess.DEVNULL)
     rows = {}
     for side in args.sides:
         cmd = [sys.executable, __file__, "--child", side, "--dir", str(folder), "--size", str(args.size),
@@ -177,7 +180,7 @@ def main() -> None:
         print(f"  {side}: {json.dumps(rows[side])}", flush=True)
     import torch
 
-    print(f"\nSD1.5 + ControlNet (canny hint), {args.size}x{args.size}, {args.steps} DDIM steps, guidance {GUIDANCE}, "
+    print(f"\n{args.preset} + ControlNet (canny hint), {args.size}x{args.size}, {args.steps} DDIM steps, guidance {GUIDANCE}, "
           f"{args.dtype} on {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     names = ["load", "hint", "text", "sampling", "decode", "total (no load)", "per step", "peak RSS GiB"]
 

@@ -41,12 +41,14 @@ def _random_state_dict(module: torch.nn.Module, seed: int, dtype=torch.float16) 
     return out
 
 
-def ensure_files(folder) -> dict[str, Path]:
+def ensure_files(folder, preset: str = "sd15") -> dict[str, Path]:
     """Write the files (if missing) and return their paths ``{"base", "control", "diffusers"}``.
 
-    Needs about 4 GB of memory while writing; hold the big-memory lock."""
+    Needs about 4 GB of memory while writing; hold the big-memory lock. Another ``preset``
+    (``tiny-sd1``: seconds, for trying the benchmarks out) stores its config in the files, since
+    its head counts cannot be read from the weights."""
     from ctrlnet.checkpoints import detect
-    from ctrlnet.config import SD15
+    from ctrlnet.config import get_preset
     from ctrlnet.models.controlnet import ControlNet
     from ctrlnet.models.text_encoder import build_text_encoder
     from ctrlnet.models.unet import UNetModel
@@ -59,18 +61,22 @@ def ensure_files(folder) -> dict[str, Path]:
 
     from ctrlnet.atomic import atomic_path
 
+    from ctrlnet.checkpoints.save import config_to_json
+
+    cfg = get_preset(preset)
+    meta = {"format": "pt"} if preset == "sd15" else {"format": "pt", "ctrlnet_config": config_to_json(cfg)}
     with torch.device("meta"):
-        unet = UNetModel(**SD15.unet.kwargs())
-        vae = AutoencoderKL(**SD15.vae.kwargs())
-        net = ControlNet(**SD15.controlnet.kwargs())
-    text = build_text_encoder(SD15.text, device="meta")
+        unet = UNetModel(**cfg.unet.kwargs())
+        vae = AutoencoderKL(**cfg.vae.kwargs())
+        net = ControlNet(**cfg.controlnet.kwargs())
+    text = build_text_encoder(cfg.text, device="meta")
     if not paths["base"].is_file():
         sd = {}
         for i, (prefix, m) in enumerate(((detect.UNET_PREFIX, unet), (detect.VAE_PREFIX, vae),
                                          (detect.CLIP_PREFIX, text))):
             sd.update({prefix + k: v for k, v in _random_state_dict(m, seed=i).items()})
         with atomic_path(paths["base"]) as tmp:
-            save_file(sd, str(tmp), metadata={"format": "pt"})
+            save_file(sd, str(tmp), metadata=meta)
         del sd
     if not paths["control"].is_file():
         sd = {detect.CONTROL_PREFIX + k: v for k, v in _random_state_dict(net, seed=3).items()}
@@ -79,7 +85,7 @@ def ensure_files(folder) -> dict[str, Path]:
                 if sd[k].ndim > 1:
                     sd[k] = (torch.randn(sd[k].shape, generator=torch.Generator().manual_seed(len(k))) * 0.05).half()
         with atomic_path(paths["control"]) as tmp:
-            save_file(sd, str(tmp), metadata={"format": "pt"})
+            save_file(sd, str(tmp), metadata=meta)
         del sd
     if not (paths["diffusers"] / "model_index.json").is_file():
         from ctrlnet.checkpoints.diffusers_folder import save_diffusers_base
@@ -94,4 +100,5 @@ def ensure_files(folder) -> dict[str, Path]:
 if __name__ == "__main__":
     import sys
 
-    print(ensure_files(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ctrlnet-sd15"))
+    print(ensure_files(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ctrlnet-sd15",
+                       sys.argv[2] if len(sys.argv) > 2 else "sd15"))
