@@ -21,3 +21,30 @@ def _threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+# --- device-sensitive tests -------------------------------------------------------------------------
+# ``pytest -m device --device cuda`` runs the tests marked ``device`` (precision, memory layout,
+# offloading) on a GPU; without the option they run on the CPU with the rest of the suite.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda", "mps"],
+                     help="device for the tests marked `device` (default cpu)")
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device asked for with ``--device``; the test is skipped if this machine lacks it."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        pytest.skip("--device mps, but Apple MPS is not available")
+    return torch.device(name)
+
+
+@pytest.fixture
+def half_dtype(device) -> torch.dtype:
+    """The reduced precision the device runs in: fp16 on CUDA and MPS, bf16 on CPUs."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16

@@ -54,11 +54,17 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one diffusers component, merging shards (a key in two shards is an error)."""
+def read_weights(folder: Path, sources: list | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one diffusers component, merging shards (a key in two shards is an error).
+
+    ``sources``: a list to which each shard's :class:`~ctrlnet.checkpoints.io.MappedFile` is
+    appended, for :func:`~ctrlnet.checkpoints.load.load_into` to read the tensors through."""
     sd: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        part = read_checkpoint(path).state_dict
+        ckpt = read_checkpoint(path)
+        part = ckpt.state_dict
+        if sources is not None:
+            sources.append(ckpt.mapped)
         twice = sorted(set(part) & set(sd))
         if twice:
             raise CheckpointError(f"{path}: keys also in another shard: {', '.join(twice[:5])}")
@@ -75,13 +81,13 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
-def _component(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _component(folder: Path, sources: list | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     if not folder.is_dir():
         raise CheckpointError(f"diffusers folder is missing the {folder.name}/ component ({folder})")
     cfg = _read_json(folder / "config.json")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{folder / 'config.json'}: not a JSON object")
-    return cfg, read_weights(folder)
+    return cfg, read_weights(folder, sources)
 
 
 def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
@@ -103,8 +109,8 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
     )
 
 
-def _text(folder: Path) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
-    cfg, sd = _component(folder)
+def _text(folder: Path, sources: list | None = None) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
+    cfg, sd = _component(folder, sources)
     width, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     common = dict(vocab_size=cfg.get("vocab_size", 49408), max_length=cfg.get("max_position_embeddings", 77),
                   width=width, heads=cfg.get("num_attention_heads", width // 64),
@@ -144,9 +150,11 @@ def _checked(where: Path, fn, *args):
         raise CheckpointError(f"{where}: {msg}") from None
 
 
-def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, parameterization: str | None = None):
+def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, parameterization: str | None = None,
+                        vae_dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None):
     """A diffusers SD pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``) as our
-    BaseModels; sharded and ``fp16``-variant weights are read, ``norm_num_groups`` is carried."""
+    BaseModels; sharded and ``fp16``-variant weights are read, ``norm_num_groups`` is carried.
+    ``dtype``, ``vae_dtype``, ``memory_format``: as :func:`~ctrlnet.checkpoints.load.load_base`."""
     from ctrlnet.checkpoints.load import BaseModels, _meta, load_into
     from ctrlnet.models.text_encoder import HARMLESS_KEYS, build_text_encoder
     from ctrlnet.models.unet import UNetModel
@@ -155,20 +163,23 @@ def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, paramete
     root = Path(root)
     if not (root / "unet").is_dir():
         raise CheckpointError(f"{root}: not a diffusers pipeline folder (no unet/ subfolder)")
-    ucfg, usd = _component(root / "unet")
+    usrc, vsrc, tsrc = [], [], []
+    ucfg, usd = _component(root / "unet", usrc)
     uparams = _checked(root / "unet" / "config.json", du.params_from_diffusers, ucfg, "unet")
     unet_cfg = UNetConfig(**uparams)
-    vcfg_raw, vsd = _component(root / "vae")
+    vcfg_raw, vsd = _component(root / "vae", vsrc)
     vae_cfg = _checked(root / "vae" / "config.json", vae_config_from_diffusers, vcfg_raw)
-    tcfg, tsd = _checked(root / "text_encoder", _text, root / "text_encoder")
+    tcfg, tsd = _checked(root / "text_encoder", _text, root / "text_encoder", tsrc)
     cfg = ModelConfig(name=f"diffusers:{root.name}", unet=unet_cfg, vae=vae_cfg, text=tcfg,
                       schedule=_schedule(root, parameterization))
     unet = load_into(_meta(lambda: UNetModel(**unet_cfg.kwargs()), root / "unet"),
-                     _checked(root / "unet", du.from_diffusers, usd, uparams), "UNet", root / "unet", dtype=dtype)
+                     _checked(root / "unet", du.from_diffusers, usd, uparams), "UNet", root / "unet", dtype=dtype,
+                     memory_format=memory_format, sources=usrc)
     vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs()), root / "vae"),
-                    _checked(root / "vae", dv.vae_from_diffusers, vsd), "VAE", root / "vae", dtype=dtype)
+                    _checked(root / "vae", dv.vae_from_diffusers, vsd), "VAE", root / "vae", dtype=vae_dtype or dtype,
+                    sources=vsrc)
     text = load_into(build_text_encoder(tcfg, device="meta"), tsd, "text encoder", root / "text_encoder",
-                     harmless=HARMLESS_KEYS, dtype=dtype)
+                     harmless=HARMLESS_KEYS, dtype=dtype, sources=tsrc)
     return BaseModels(cfg, unet.eval(), vae.eval(), text.eval(), str(root))
 
 
@@ -196,7 +207,8 @@ def pipeline_controlnets(root: Path) -> dict[str, Path]:
     return {("controlnet" if i == 0 else f"controlnet_{i}"): found[i] for i in sorted(found)}
 
 
-def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32):
+def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
+                              memory_format: torch.memory_format | None = None):
     """A diffusers ControlNetModel folder as our ControlNet.
 
     A pipeline folder with exactly one ControlNet (``controlnet/``) stands for it; with several,
@@ -213,7 +225,8 @@ def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype
             raise CheckpointError(f"{root}: a diffusers pipeline folder with "
                                   + (f"{len(nets)} ControlNets; pass one of {which}" if nets else "no controlnet/ subfolder"))
         root = next(iter(nets.values()))
-    cfg, sd = _component(root)
+    src: list = []
+    cfg, sd = _component(root, src)
     if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise CheckpointError(f"{root}: config.json describes a {cfg.get('_class_name')}, not a ControlNetModel")
     emb = list(cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
@@ -227,7 +240,7 @@ def load_diffusers_controlnet(root: Path, base: ModelConfig | None = None, dtype
     if base is not None:
         check_fits(params, base, root)
     net = load_into(_meta(lambda: ControlNet(**params), root), _checked(root, du.from_diffusers, sd, params, "controlnet"),
-                    "ControlNet", root, dtype=dtype)
+                    "ControlNet", root, dtype=dtype, memory_format=memory_format, sources=src)
     return net.eval()
 
 

@@ -9,8 +9,10 @@ a :class:`CheckpointError` naming the file; messages are plain text (no terminal
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,9 @@ class Checkpoint:
     path: Path
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    # a safetensors file's tensors are views into one memory map of it; loaders read them through
+    # this instead of through the map (None for pickles, or if the map is not laid out as expected)
+    mapped: MappedFile | None = None
 
     @property
     def config(self) -> dict | None:
@@ -53,6 +58,81 @@ class Checkpoint:
             return json.loads(raw)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{self.path}: metadata 'ctrlnet_config' is not valid JSON ({e})") from None
+
+
+class MappedFile:
+    """Where the tensors of one memory-mapped safetensors file lie, so that a loader can copy a
+    tensor's bytes with a plain file read instead of through the map.
+
+    Why: every page of a map that a copy touches stays in the process's resident set until the
+    whole map is released, so converting a 2 GB fp16 file to fp32 through its map peaks at the
+    fp32 weights plus the whole file. A file read leaves only the page cache (shared, reclaimable)
+    behind. Holds the state dict, so the map stays alive while this object does.
+    """
+
+    def __init__(self, path: Path, state_dict: dict[str, torch.Tensor], header: dict, data_start: int):
+        self.path, self._keep = path, state_dict
+        self.base = self.size = 0
+        self._fd: int | None = None
+        self._lock, self._local = threading.Lock(), threading.local()
+        bases = set()
+        for k, info in header.items():
+            t = state_dict.get(k)
+            if t is None or not isinstance(info, dict) or t.numel() == 0:
+                continue
+            bases.add(t.data_ptr() - (data_start + int(info["data_offsets"][0])))
+        if len(bases) == 1:  # one map of the whole file, as safetensors 0.4-0.8 make it
+            self.base, self.size = bases.pop(), path.stat().st_size
+
+    def offset(self, t: torch.Tensor) -> int | None:
+        """The file offset of ``t``'s bytes if ``t`` is a contiguous CPU view into this map, else None."""
+        if not self.size or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+            return None
+        start = t.data_ptr() - self.base
+        return start if 0 <= start and start + t.numel() * t.element_size() <= self.size else None
+
+    def read_into(self, t: torch.Tensor, out: torch.Tensor) -> bool:
+        """Copy ``t`` (a view into this map) into ``out`` (any dtype and memory layout, same shape)
+        by reading the file; False if ``t`` is not in this map (the caller copies it then).
+        Thread-safe (positional reads); a cast goes through a scratch buffer per thread, kept
+        until :meth:`release`."""
+        off = self.offset(t)
+        if off is None:
+            return False
+        n = t.numel() * t.element_size()
+        if out.dtype == t.dtype and out.is_contiguous():
+            buf = out.view(-1).view(torch.uint8)
+        else:
+            scratch = getattr(self._local, "scratch", None)  # one per thread: loaders read in parallel
+            if scratch is None or scratch.numel() < n:
+                self._local.scratch = None
+                scratch = self._local.scratch = torch.empty(n, dtype=torch.uint8)
+            buf = scratch[:n]
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+        view, got = memoryview(buf.numpy()), 0
+        while got < n:
+            k = os.preadv(self._fd, [view[got:]], off + got)
+            if k <= 0:
+                raise CheckpointError(f"{self.path}: file ended while reading a tensor; it changed while loading")
+            got += k
+        if buf.data_ptr() != out.data_ptr():
+            out.copy_(buf.view(t.dtype).view(t.shape))
+        return True
+
+    def release(self) -> None:
+        """Free the scratch buffers and close the file (reopened if read again); call it when no
+        thread reads any more."""
+        self._local = threading.local()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 # --- pickle stand-ins ----------------------------------------------------------------------------
@@ -174,7 +254,11 @@ def _read_safetensors(path: Path, n: int) -> Checkpoint:
                 sd[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-    return Checkpoint(path, sd, {str(k): str(v) for k, v in dict(meta).items()})
+    try:
+        mapped = MappedFile(path, sd, header, 8 + n)
+    except (KeyError, TypeError, ValueError, IndexError, OSError):
+        mapped = None  # reading through the map still works, only with a higher peak
+    return Checkpoint(path, sd, {str(k): str(v) for k, v in dict(meta).items()}, mapped)
 
 
 def _torch_load(path: Path):

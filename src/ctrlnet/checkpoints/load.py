@@ -6,7 +6,8 @@ A missing or unexpected key is an error that names the keys; only documented har
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ctrlnet.checkpoints import detect
-from ctrlnet.checkpoints.io import Checkpoint, CheckpointError, read_checkpoint
+from ctrlnet.checkpoints.io import Checkpoint, CheckpointError, MappedFile, read_checkpoint
 from ctrlnet.checkpoints.keys import key_problems
 from ctrlnet.checkpoints.save import config_from_json
 from ctrlnet.config import ModelConfig, TextEncoderConfig, UNetConfig
@@ -38,8 +39,18 @@ class BaseModels:
 
 
 def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path,
-              harmless: tuple[str, ...] = (), dtype: torch.dtype | None = None) -> nn.Module:
-    """Load ``sd`` into a meta-built ``module`` (assign=True); name missing/unexpected keys."""
+              harmless: tuple[str, ...] = (), dtype: torch.dtype | None = None,
+              memory_format: torch.memory_format | None = None,
+              sources: Sequence[MappedFile | None] = ()) -> nn.Module:
+    """Load ``sd`` into a meta-built ``module`` (``assign=True``), each floating tensor made once,
+    directly in ``dtype`` (default: the module's) and, for 4-D weights, in ``memory_format``.
+
+    No full-precision copy of the model is ever made: a tensor is cast while it is read, one at a
+    time. Tensors already in the asked dtype and layout stay views into the file's memory map;
+    others are read through ``sources`` (the files' :class:`MappedFile`), so the map's pages do not
+    add to the peak resident memory. Raises :class:`CheckpointError` naming missing, unexpected and
+    mis-shaped keys, non-floating tensors where weights belong, NaN/inf tensors, unloaded buffers.
+    """
     own = module.state_dict()
     problems = key_problems(own, sd, harmless=harmless)
     if problems:
@@ -49,9 +60,30 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     if wrong:
         raise CheckpointError(f"{path}: {len(wrong)} {what} weights are not floating-point numbers: "
                               f"{', '.join(wrong[:5])}; the file is damaged or not a model of this kind")
-    tensors = {k: _aligned(v.to(dtype or own[k].dtype) if v.is_floating_point() else v)
-               for k, v in sd.items() if k in own}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    sources = [s for s in sources if s is not None]
+
+    def make(k: str) -> tuple[torch.Tensor, bool]:
+        v = sd[k]
+        if not v.is_floating_point():
+            return v, True
+        v = _materialize(v, dtype or own[k].dtype, memory_format if v.ndim == 4 else None, sources)
+        return v, _all_finite(v)
+
+    keys = [k for k in sd if k in own]
+    # Casting is memory-bound work in many small pieces; tensors in parallel (each op still uses
+    # torch's intra-op threads) load 2-3x faster than one after another on a busy 2-core machine.
+    workers = min(len(keys), torch.get_num_threads())
+    try:
+        if workers <= 1:
+            made = [make(k) for k in keys]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                made = list(pool.map(make, keys))
+    finally:
+        for s in sources:
+            s.release()
+    tensors = {k: v for k, (v, _) in zip(keys, made)}
+    bad = [k for k, (_, finite) in zip(keys, made) if not finite]
     if bad:
         # NaN/inf weights can only give NaN images (black in most UIs); refuse before any work
         raise CheckpointError(f"{path}: {len(bad)} {what} tensors hold NaN or infinite values ({', '.join(bad[:5])}); "
@@ -64,10 +96,24 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, path
     return module
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def _materialize(v: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format | None,
+                 sources: Sequence[MappedFile]) -> torch.Tensor:
+    layout_ok = memory_format is None or v.is_contiguous(memory_format=memory_format)
     # Tensors memory-mapped from a safetensors file can start at any byte; CPU kernels then take
     # other SIMD paths and round differently from the same weights in fresh memory. Copy those.
-    return t.clone() if t.data_ptr() % 64 else t
+    if v.dtype == dtype and layout_ok and v.data_ptr() % 64 == 0:
+        return v
+    out = torch.empty_like(v, dtype=dtype, device="cpu",
+                           memory_format=memory_format or torch.contiguous_format)
+    if not any(s.read_into(v, out) for s in sources):
+        out.copy_(v)
+    return out
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A sum is NaN/inf when any element is; it is fast (no full-size boolean tensor). A finite
+    # tensor can still sum to inf (fp16 overflow), so only then look element by element.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _meta(factory, path=None):
@@ -174,13 +220,19 @@ def _text_sd_and_config(sd, layout: detect.Layout, path) -> tuple[dict, TextEnco
 
 
 def load_base(path, config: ModelConfig | None = None, parameterization: str | None = None,
-              dtype: torch.dtype = torch.float32) -> BaseModels:
-    """Load a single-file SD checkpoint (or a control_sd15_* file, or a diffusers folder) on the CPU."""
+              dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+              memory_format: torch.memory_format | None = None) -> BaseModels:
+    """Load a single-file SD checkpoint (or a control_sd15_* file, or a diffusers folder) on the CPU.
+
+    Weights are made directly in ``dtype`` (the VAE in ``vae_dtype``, default ``dtype``), the
+    UNet's 4-D weights in ``memory_format`` (e.g. ``torch.channels_last``): see :func:`load_into`.
+    """
     path = Path(path)
     if path.is_dir():
         from ctrlnet.checkpoints.diffusers_folder import load_diffusers_base
 
-        return load_diffusers_base(path, dtype=dtype, parameterization=parameterization)
+        return load_diffusers_base(path, dtype=dtype, parameterization=parameterization, vae_dtype=vae_dtype,
+                                   memory_format=memory_format)
     ckpt = read_checkpoint(path)
     layout = detect.detect_layout(ckpt.state_dict)
     missing = [n for n, p in (("UNet", layout.unet), ("VAE", layout.vae), ("text encoder", layout.text)) if p is None]
@@ -188,14 +240,14 @@ def load_base(path, config: ModelConfig | None = None, parameterization: str | N
         hint = " It looks like a ControlNet-only file; pass it as a ControlNet, not a base model." if layout.control is not None else ""
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no {', '.join(missing)} weights found).{hint}")
     cfg = config or infer_model_config(ckpt, layout, parameterization)
-    sd = ckpt.state_dict
+    sd, src = ckpt.state_dict, [ckpt.mapped]
     unet = load_into(_meta(lambda: UNetModel(**cfg.unet.kwargs()), path), detect.strip_prefix(sd, layout.unet),
-                     "UNet", path, dtype=dtype)
+                     "UNet", path, dtype=dtype, memory_format=memory_format, sources=src)
     vae = load_into(_meta(lambda: AutoencoderKL(**cfg.vae.kwargs()), path), detect.strip_prefix(sd, layout.vae),
-                    "VAE", path, harmless=VAE_HARMLESS, dtype=dtype)
+                    "VAE", path, harmless=VAE_HARMLESS, dtype=vae_dtype or dtype, sources=src)
     tsd, _ = _text_sd_and_config(sd, layout, path)
     text = load_into(build_text_encoder(cfg.text, device="meta"), tsd, "text encoder", path,
-                     harmless=TEXT_HARMLESS, dtype=dtype)
+                     harmless=TEXT_HARMLESS, dtype=dtype, sources=src)
     return BaseModels(cfg, unet.eval(), vae.eval(), text.eval(), str(path))
 
 
@@ -309,19 +361,21 @@ def add_base_back(csd: Mapping[str, torch.Tensor], unet_sd: Mapping[str, torch.T
 
 
 def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
-                    base_unet: UNetModel | None = None) -> ControlNet:
+                    base_unet: UNetModel | None = None,
+                    memory_format: torch.memory_format | None = None) -> ControlNet:
     """Load a ControlNet from a control-only file, a control_sd15_* file, a diffusers folder/file,
     or a diffusers pipeline folder holding one ``controlnet/``.
 
     ``base``: the base config the net must fit (checked, and head counts taken from it).
     ``base_unet``: the base UNet, needed by "difference" files (their weights are stored minus the
     base UNet's); a difference file without it raises :class:`CheckpointError`.
+    ``dtype``/``memory_format``: what the weights are made in, as they are read (:func:`load_into`).
     """
     path = Path(path)
     if path.is_dir():
         from ctrlnet.checkpoints.diffusers_folder import load_diffusers_controlnet
 
-        return load_diffusers_controlnet(path, base=base, dtype=dtype)
+        return load_diffusers_controlnet(path, base=base, dtype=dtype, memory_format=memory_format)
     ckpt = read_checkpoint(path)
     csd, params = controlnet_state_dict(ckpt)
     if base is not None:
@@ -345,5 +399,5 @@ def load_controlnet(path, base: ModelConfig | None = None, dtype: torch.dtype = 
         net = _meta(lambda: ControlNet(**params))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot build this ControlNet ({e})") from None
-    net = load_into(net, csd, "ControlNet", path, dtype=dtype)
+    net = load_into(net, csd, "ControlNet", path, dtype=dtype, memory_format=memory_format, sources=[ckpt.mapped])
     return net.eval()

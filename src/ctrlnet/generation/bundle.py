@@ -118,7 +118,8 @@ def random_controlnet(unet: UNetModel, name: str) -> ControlNet:
     return net
 
 
-def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str | None) -> BaseModels:
+def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str | None,
+                    vae_dtype: torch.dtype, memory_format: torch.memory_format | None) -> BaseModels:
     if spec is None or spec == "demo":
         path = demo_dir() / DEMO_BASE
         if not path.is_file():
@@ -126,10 +127,11 @@ def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str 
                 f"the embedded demo model is not built yet ({path} is missing); build it with "
                 "`python -m ctrlnet.training.demo build`, or pass --base random:tiny-sd1 / a checkpoint path"
             )
-        return load_base(path, dtype=dtype)
+        return load_base(path, dtype=dtype, vae_dtype=vae_dtype, memory_format=memory_format)
     if spec.startswith("random:"):
         return random_base(spec.split(":", 1)[1])
-    return load_base(spec, parameterization=parameterization, dtype=dtype)
+    return load_base(spec, parameterization=parameterization, dtype=dtype, vae_dtype=vae_dtype,
+                     memory_format=memory_format)
 
 
 def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
@@ -148,11 +150,14 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    b = _load_base_spec(base, torch.float32, parameterization)
+    # Weights are made in their final dtype and layout as they are read, never first in fp32 (a
+    # full-size fp16 file would otherwise peak at the fp32 models plus the casts).
+    fmt = torch.channels_last if use_channels_last(dev, channels_last) else None
+    b = _load_base_spec(base, dt, parameterization, vae_dtype(dt), fmt)
     if vae:
         from ctrlnet.checkpoints.vae_file import load_vae
 
-        b.vae = load_vae(vae, b.config.vae)
+        b.vae = load_vae(vae, b.config.vae, dtype=vae_dtype(dt))
     if isinstance(controlnets, dict):
         named = dict(controlnets)
     else:
@@ -173,7 +178,7 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
         if str(p).startswith("random:"):
             net = random_controlnet(b.unet, name)
         else:
-            net = load_controlnet(p, base=b.config, base_unet=b.unet)
+            net = load_controlnet(p, base=b.config, base_unet=b.unet, dtype=dt, memory_format=fmt)
             # the v1.1 shuffle model pools its residuals (its yaml's global_average_pooling; ComfyUI
             # and sd-webui-controlnet recognise it by name too)
             net.global_average_pooling = "shuffle" in Path(str(p)).name.lower()
@@ -187,23 +192,27 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
         from ctrlnet.generation.embeddings import load_embeddings
 
         models.embeddings = load_embeddings(list(embeddings))
-    for m in _all_modules(models):
+    # loaded modules are in place already (these are no-ops for them); random and demo ones are not
+    for m in (models.base.unet, models.base.text_encoder, *models.controlnets.values()):
         m.to(dtype=dt)
         if not low_vram:
             m.to(dev)
-    if use_channels_last(dev, channels_last):
+    if fmt is not None:
         for m in (models.base.unet, *models.controlnets.values()):
-            m.to(memory_format=torch.channels_last)
+            m.to(memory_format=fmt)
     place_vae(models, models.base.vae)
     return models
 
 
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE runs in beside models in ``dtype``: fp32 where the rest is fp16 (the
+    VAE decoder overflows in fp16, as SD1.x VAEs are known to), else the same."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def place_vae(models: Models, vae: AutoencoderKL) -> AutoencoderKL:
-    """Put ``vae`` in the dtype and on the device ``models`` run it with: fp32 where the rest is
-    fp16 (the VAE decoder overflows in fp16, as SD1.x VAEs are known to), on the CPU with low_vram."""
-    vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
+    """Put ``vae`` in the dtype (:func:`vae_dtype`) and on the device ``models`` run it with (on
+    the CPU with low_vram)."""
+    vae.to(dtype=vae_dtype(models.dtype))
     return vae if models.low_vram else vae.to(models.device)
 
-
-def _all_modules(models: Models):
-    return [models.base.unet, models.base.vae, models.base.text_encoder, *models.controlnets.values()]

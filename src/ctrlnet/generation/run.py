@@ -6,6 +6,8 @@ request -> plan (sizes, seeds) -> prompts -> unit maps -> pass 1 [-> upscale -> 
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +57,21 @@ class _Steps:
                 self.progress(min(self.done, self.total), self.total)
             self.check()
         return cb
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float] | None, name: str, device: torch.device):
+    """Add the block's wall time to ``timings[name]`` (nothing when ``timings`` is None)."""
+    if timings is None:
+        yield
+        return
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":  # kernels run asynchronously: charge them to their own stage
+            torch.cuda.synchronize(device)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
 
 @dataclass
@@ -177,7 +194,8 @@ def _upscale(models: Models, latents: torch.Tensor, size: tuple[int, int], upsca
 
 
 def generate(models: Models, request: GenerationRequest, progress: Progress | None = None,
-             cancel: Callable[[], bool] | None = None, allow_paths: bool = True) -> GenerationResult:
+             cancel: Callable[[], bool] | None = None, allow_paths: bool = True,
+             timings: dict[str, float] | None = None) -> GenerationResult:
     """Generate ``request.num_images`` images (see :class:`GenerationRequest` for every option).
 
     ``progress(done, total)`` is called after every sampling step of every pass; ``cancel()`` is
@@ -185,7 +203,9 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
     or :class:`~ctrlnet.image.ImageError` naming the cause before any model runs. LoRAs (the
     request's and the prompt's ``<lora:NAME:W>`` tags) are merged for this call only and the
     weights restored exactly after it. ``allow_paths=False`` for untrusted requests: LoRAs by name
-    only, from ``models.lora_dirs``.
+    only, from ``models.lora_dirs``. ``timings``: a dict to which the seconds of each stage are
+    added: ``hint`` (annotators), ``text`` (prompt encoding), ``sampling`` (per pass: control maps,
+    start latents, the sampler's steps), ``decode`` (VAE decode).
     """
     plan = make_plan(models, request, allow_paths)
     req = plan.request
@@ -206,14 +226,15 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
             crop = full_mask if plan.box is None else full_mask[plan.box[0]:plan.box[1], plan.box[2]:plan.box[3]]
             mask = MaskSet.make(crop, plan.size, req.mask_blur)
     with apply_loras(models.base.unet, models.base.text_encoder, models.controlnets, plan.loras):
-        return _generate(models, plan, steps, noise, init, source, start, mask, full_mask)
+        return _generate(models, plan, steps, noise, init, source, start, mask, full_mask, timings)
 
 
-def _generate(models, plan, steps, noise, init, source, start, mask, full_mask) -> GenerationResult:
+def _generate(models, plan, steps, noise, init, source, start, mask, full_mask, timings) -> GenerationResult:
     req = plan.request
     n, dev = req.num_images, models.device
-    units = _units(plan, source)
-    with offload([models.base.text_encoder], dev, models.low_vram), torch.no_grad():
+    with _timed(timings, "hint", dev):
+        units = _units(plan, source)
+    with _timed(timings, "text", dev), offload([models.base.text_encoder], dev, models.low_vram), torch.no_grad():
         cond, uncond = encode_prompts(models, [plan.prompt] * n, [req.negative_prompt] * n, req.clip_skip,
                                       req.prompt_chunks)
     cond, uncond = cond.to(dev), uncond.to(dev)
@@ -224,15 +245,18 @@ def _generate(models, plan, steps, noise, init, source, start, mask, full_mask) 
         maps = [display_map(preprocess.control_map(u.spec, u.raw, plan.size, u.resize)) for u in units
                 if u.raw is not None]
     else:
-        latents, maps = _sample_pass(models, plan, plan.size, False, units, cond, uncond, noise, steps,
-                                     start_image=start if init is not None else None, mask=mask)
+        with _timed(timings, "sampling", dev):
+            latents, maps = _sample_pass(models, plan, plan.size, False, units, cond, uncond, noise, steps,
+                                         start_image=start if init is not None else None, mask=mask)
         tile_px = req.tile_size
         if plan.hires_size is not None:
-            up = _upscale(models, latents, plan.hires_size, req.hires_upscaler, tile_px)
-            latents, maps = _sample_pass(models, plan, plan.hires_size, True, units, cond, uncond, noise, steps,
-                                         start_latents=up)
-        images = decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None,
-                               as_float=mask is not None)
+            with _timed(timings, "sampling", dev):
+                up = _upscale(models, latents, plan.hires_size, req.hires_upscaler, tile_px)
+                latents, maps = _sample_pass(models, plan, plan.hires_size, True, units, cond, uncond, noise, steps,
+                                             start_latents=up)
+        with _timed(timings, "decode", dev):
+            images = decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None,
+                                   as_float=mask is not None)
     if mask is not None:
         images = [composite(im, start, mask.pixel) for im in images]
         if plan.box is not None:

@@ -99,6 +99,17 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _normal_(t: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    # A meta-built model (the loaders') has nothing to initialise, and normal_ on meta imports
+    # torch._dynamo the first time it runs: seconds of every model load.
+    return t if t.is_meta else nn.init.normal_(t, std=std)
+
+
+def _embedding(num: int, width: int, std: float = 1.0) -> nn.Embedding:
+    """``nn.Embedding(num, width)`` with its N(0, std^2) weights (the same draws), none on meta."""
+    return nn.Embedding(num, width, _weight=_normal_(torch.empty(num, width), std))
+
+
 class CLIPEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -110,10 +121,10 @@ class CLIPEncoder(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
         # read as rows by CLIPTextEncoder (no position_ids buffer: a meta-built model loaded with
         # assign=True keeps no uninitialised tensors)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.position_embedding = _embedding(cfg.max_length, cfg.width)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -297,16 +308,16 @@ class OpenCLIPTextEncoder(TextEncoder):
             raise ValueError(f"OpenCLIPTextEncoder needs kind='openclip', got {cfg.kind!r}")
         super().__init__(cfg)
         proj = cfg.projection_dim or cfg.width  # open_clip's embed_dim; 0 in the config means "width"
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_length, cfg.width))
         self.transformer = OpenCLIPTransformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width, eps=_LN_EPS)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, proj))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # open_clip's initialisation, for randomly built models
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+        _normal_(self.token_embedding.weight, std=0.02)
+        _normal_(self.positional_embedding, std=0.01)
+        _normal_(self.text_projection, std=cfg.width**-0.5)
 
     def _token_embedding(self) -> nn.Embedding:
         return self.token_embedding
