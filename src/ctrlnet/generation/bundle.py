@@ -15,7 +15,7 @@ from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
-from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last
+from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last, vae_dtype
 from ctrlnet.sampling.schedule import DiscreteSchedule
 
 # The prompts the original gradio apps add for the official SD1.5 ControlNets.
@@ -201,7 +201,7 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
 def place_vae(models: Models, vae: AutoencoderKL) -> AutoencoderKL:
     """Put ``vae`` in the dtype and on the device ``models`` run it with: fp32 where the rest is
     fp16 (the VAE decoder overflows in fp16, as SD1.x VAEs are known to), on the CPU with low_vram."""
-    vae.to(dtype=torch.float32 if models.dtype == torch.float16 else models.dtype)
+    vae.to(dtype=vae_dtype(models.dtype))
     return vae if models.low_vram else vae.to(models.device)
 
 
