@@ -268,7 +268,8 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "queue": queue.pending, "capacity": queue.capacity, "device": str(models.device)}
+        return {"status": "ok", "queue": queue.pending, "capacity": queue.capacity, "device": str(models.device),
+                "dtype": str(models.dtype).replace("torch.", "")}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     def list_models():

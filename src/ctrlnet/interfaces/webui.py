@@ -127,6 +127,11 @@ class ModelHolder:
         return self.loaded
 
 
+def _runs_in(models) -> str:
+    """" (bfloat16 on cpu)": the dtype ``auto`` resolved to, shown beside the loaded models."""
+    return f" ({str(models.dtype).replace('torch.', '')} on {models.device})"
+
+
 def _as_loaded(models) -> LoadedModels:
     if models is None or isinstance(models, LoadedModels):
         return models
@@ -343,7 +348,8 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             nets_dd = gr.Dropdown(found_nets, value=[], multiselect=True,
                                   label=f"ControlNets from {models_dir or '(no --models-dir given)'}")
             load_btn = gr.Button("Load")
-            model_status = gr.Markdown(f"Loaded ControlNets: {', '.join(net_names) or 'none yet'}")
+            model_status = gr.Markdown(f"Loaded ControlNets: {', '.join(net_names) or 'none yet'}"
+                                       + (_runs_in(loaded.models) if loaded else ""))
         tab_net_dropdowns = []
         model_sliders = []  # each tab's resolution, steps, guidance: reset to a newly loaded model's defaults
         for tab in TABS:
@@ -423,7 +429,7 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             fallback = {"resolution": 512, "steps": 20, "guidance_scale": 9.0, **(defaults or {})}
             values = {k: got.models.defaults.get(k, fallback[k]) for k in MODEL_DEFAULT_FIELDS}
             sliders = [gr.update(value=values[k]) for _ in TABS for k in MODEL_DEFAULT_FIELDS]
-            return [f"Loaded ControlNets: {', '.join(names) or 'none'}", *ups, *sliders]
+            return [f"Loaded ControlNets: {', '.join(names) or 'none'}{_runs_in(got.models)}", *ups, *sliders]
 
         colorize_holder = ModelHolder(_as_loaded(colorizer), _colorizer_loader, device, dtype)
         _colorize_tab(colorize_holder, outputs_dir, d)
