@@ -2,6 +2,7 @@
 
     python benchmarks/fidelity.py                      # the shipped model
     python benchmarks/fidelity.py --build runs/demo    # the recipe's work folder, plus IoU vs steps
+    python benchmarks/fidelity.py --dtype fp32 bf16    # each row in both dtypes + their pixel difference
 
 Rows (each 50 (hint, prompt) pairs at the model's 128 px, DDIM 20 steps, guidance 5):
 
@@ -102,6 +103,9 @@ def main() -> None:
     ap.add_argument("--rows", default="css,basic20", help="benchmark sets, comma-separated (css, basic20)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps (auto: the accelerator if any)")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"],
+                    help="compute dtypes (fp32, bf16, fp16); with several, each row is scored per dtype "
+                         "and the mean |pixel difference| to the first dtype's images is printed")
     ap.add_argument("--out", type=Path, default=Path("runs/fidelity"))
     ap.add_argument("--no-curve", action="store_true", help="skip IoU against training steps")
     args = ap.parse_args()
@@ -113,28 +117,48 @@ def main() -> None:
         base, control = args.base or ASSETS / BASE_FILE, args.controlnet or ASSETS / CONTROL_FILE
     from ctrlnet.runtime.device import resolve_device
 
-    models = load_pair(base, control, resolve_device(args.device))
+    from ctrlnet.runtime.device import resolve_dtype, vae_dtype
+
+    device = resolve_device(args.device)
+    dtypes = [resolve_dtype(d, device) for d in args.dtype]
+    models = load_pair(base, control, device)
     size = 2 ** (len(models.config.vae.ch_mult) - 1) * 16  # 128 for the demo
     tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
     names = [s.strip() for s in args.rows.split(",") if s.strip()]
     rows = {name: benchmark_rows(name, args.n, size, tmp) for name in names}
     args.out.mkdir(parents=True, exist_ok=True)
     kw = dict(steps=args.steps, guidance_scale=args.cfg)
-    report = {"base": str(base), "controlnet": str(control), "n": args.n, "steps": args.steps, "cfg": args.cfg}
+    report = {"base": str(base), "controlnet": str(control), "n": args.n, "steps": args.steps, "cfg": args.cfg,
+              "dtypes": args.dtype}
     print(f"{'row':<22} {'colour IoU':>10} {'shape IoU':>10} {'colour error (circle / background)':>8}")
     from ctrlnet.image import save_image
     from ctrlnet.training.previews import grid
 
-    for name in names:
-        for strength in ((1.0, 0.0) if name == "css" else (1.0,)):
-            t0 = time.time()
-            r = evaluate(models, rows[name], tmp / name, strength, **kw)
-            images = r.pop("images")
-            r["seconds"] = round(time.time() - t0, 1)
-            key = f"{name}_strength_{strength:g}"
-            report[key] = r
-            save_image(grid([np.stack(images[:10])]), args.out / f"samples_{key}.png")
-            print(_line(f"{name}, strength {strength:g}", r), flush=True)
+    first_images = {}
+    for di, dt in enumerate(dtypes):
+        tag = "" if len(dtypes) == 1 else f" [{args.dtype[di]}]"
+        for key_m, m in models.modules().items():
+            m.to(dtype=vae_dtype(dt) if key_m == "vae" else dt)
+        for name in names:
+            for strength in ((1.0, 0.0) if name == "css" else (1.0,)):
+                t0 = time.time()
+                r = evaluate(models, rows[name], tmp / name, strength, **kw)
+                images = r.pop("images")
+                r["seconds"] = round(time.time() - t0, 1)
+                key = f"{name}_strength_{strength:g}"
+                if di == 0:
+                    first_images[key] = np.stack(images).astype(np.int16)
+                else:
+                    diff = np.abs(np.stack(images).astype(np.int16) - first_images[key])
+                    r["mean_pixel_diff_to_" + args.dtype[0]] = float(diff.mean())
+                    r["max_pixel_diff_to_" + args.dtype[0]] = int(diff.max())
+                    key = f"{key}_{args.dtype[di]}"
+                report[key] = r
+                save_image(grid([np.stack(images[:10])]), args.out / f"samples_{key}.png")
+                line = _line(f"{name}, strength {strength:g}{tag}", r)
+                if di:
+                    line += f"  mean |pixel diff| to {args.dtype[0]} {r['mean_pixel_diff_to_' + args.dtype[0]]:.2f}"
+                print(line, flush=True)
     ckdir = args.build / "controlnet" / "checkpoints" if args.build else None
     if ckdir and ckdir.is_dir() and not args.no_curve and "css" in rows:
         from ctrlnet.training.state import list_checkpoints

@@ -87,7 +87,7 @@ def _body(**over):
 def test_health_and_openapi(server):
     url, _ = server
     h = httpx.get(url + "/health").json()
-    assert h["status"] == "ok" and h["capacity"] == 2
+    assert h["status"] == "ok" and h["capacity"] == 2 and h["dtype"] == "float32"  # the suite pins fp32
     spec = httpx.get(url + "/openapi.json").json()
     assert {"/v1/generate", "/v1/annotate", "/v1/models", "/health"} <= set(spec["paths"])
     schema = spec["components"]["schemas"]["GenerateBody"]

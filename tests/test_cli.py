@@ -21,6 +21,7 @@ def test_generate_writes_pngs_with_parameters(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "seed: 7" in out
+    assert "dtype: float32 on cpu" in out  # what --dtype auto resolved to (the suite pins fp32)
     png = tmp_path / "out" / "7_0.png"
     info = Image.open(png).info
     assert "Seed: 7" in info["parameters"] and info["parameters"].startswith("a square")

@@ -62,11 +62,15 @@ class ReferenceControlNet(ControlNet):
         self._params["in_channels"] = in_channels
         self._params["ref_channels"] = ref_channels
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                latent_cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor, context: torch.Tensor,
+                latent_cond: torch.Tensor | None = None,
+                guided_hint: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Residuals for the UNet. ``x``: (B, 4, h, w); ``latent_cond``: (B, ref_channels, h, w)
-        scaled reference latents, or None when ``hint`` is packed (see :func:`pack_hint`)."""
+        scaled reference latents, or None when ``hint`` is packed (see :func:`pack_hint`).
+        ``guided_hint``: :meth:`encode_hint` of the (unpacked) hint, computed once per image."""
         if latent_cond is None:
+            if hint is None:
+                raise ValueError("the reference ControlNet needs latent_cond when the hint is not given")
             if hint.shape[1] != self.hint_channels + self.ref_channels:
                 raise ValueError(
                     f"the reference ControlNet needs latent_cond or a packed hint of "
@@ -75,7 +79,7 @@ class ReferenceControlNet(ControlNet):
         if latent_cond.shape[0] != x.shape[0] or latent_cond.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"latent_cond {tuple(latent_cond.shape)} does not match latents {tuple(x.shape)}")
         x = torch.cat([x, latent_cond.to(x.dtype)], dim=1)  # (B, 4 + R, h, w)
-        return super().forward(x, hint, timesteps, context)
+        return super().forward(x, hint, timesteps, context, guided_hint=guided_hint)
 
     def weights_from_unet(self, unet_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The UNet encoder's tensors, with the first conv widened: new reference channels start at zero."""

@@ -15,7 +15,7 @@ from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
-from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last
+from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last, vae_dtype
 from ctrlnet.sampling.schedule import DiscreteSchedule
 
 # The prompts the original gradio apps add for the official SD1.5 ControlNets.

@@ -220,6 +220,7 @@ def _cmd_generate(args) -> int:
                         extras=extra)
     for path in saved.images + saved.control_maps:
         print(path)
+    print(f"dtype: {loaded.dtype_name} on {loaded.models.device}")  # what --dtype auto chose
     print(f"seed: {result.seed}")
     return EXIT_OK
 

@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base", default=None, help=BASE_HELP)
     g.add_argument("--controlnet", action="append", default=[], metavar="[NAME=]PATH", help=CONTROLNET_HELP)
     g.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:1, mps")
-    g.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    g.add_argument("--dtype", default="auto", help="auto (fp16 on GPU; bf16 on CPUs with native bf16, "
+                   "else fp32; $CTRLNET_DTYPE replaces auto), fp32, fp16, bf16")
     g.add_argument("--low-vram", action="store_true", help="keep only the stage in use on the GPU")
     g.add_argument("--parameterization", choices=["eps", "v"], default=None,
                    help="override the prediction type (SD2 768-v checkpoints: v)")

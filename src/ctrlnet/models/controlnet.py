@@ -54,19 +54,34 @@ class ControlNet(Encoder):
     def num_control_residuals(self) -> int:
         return len(self.zero_convs) + 1
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor) -> list[torch.Tensor]:
+    def encode_hint(self, hint: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The hint encoder (``input_hint_block``) alone: (B, hint_channels, 8h, 8w) -> (B, model_channels,
+        h, w) in ``dtype`` (default: the weights'). It depends on neither the latent nor the timestep,
+        so a sampling loop computes it once per image and passes it to :meth:`forward` as
+        ``guided_hint`` (the same numbers as running it every step)."""
+        dtype = dtype or self.input_hint_block[0].weight.dtype
+        return self.input_hint_block(hint.to(dtype), None, None)
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor,
+                context: torch.Tensor, guided_hint: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Residuals for the UNet, in the original order (input blocks 0..N-1, then middle).
 
-        ``x``: noisy latents (B, C, h, w); ``hint``: control image (B, hint_channels, 8h, 8w) in [0, 1].
+        ``x``: noisy latents (B, C, h, w); ``hint``: control image (B, hint_channels, 8h, 8w) in [0, 1];
+        or ``guided_hint``: :meth:`encode_hint`'s output for it, (B, model_channels, h, w) (``hint``
+        is then not used and may be None).
         """
-        if hint.shape[-2] != x.shape[-2] * 8 or hint.shape[-1] != x.shape[-1] * 8:
-            raise ValueError(
-                f"hint of size {tuple(hint.shape[-2:])} does not match latents {tuple(x.shape[-2:])} "
-                "(the hint must be 8x the latent size)"
-            )
+        if guided_hint is None:
+            if hint is None:
+                raise ValueError("ControlNet.forward needs a hint or its guided_hint")
+            if hint.shape[-2] != x.shape[-2] * 8 or hint.shape[-1] != x.shape[-1] * 8:
+                raise ValueError(
+                    f"hint of size {tuple(hint.shape[-2:])} does not match latents {tuple(x.shape[-2:])} "
+                    "(the hint must be 8x the latent size)"
+                )
+            guided_hint = self.encode_hint(hint, x.dtype)  # (B, C, h, w)
+        elif guided_hint.shape[0] != x.shape[0] or guided_hint.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"guided_hint {tuple(guided_hint.shape)} does not match latents {tuple(x.shape)}")
         emb = self.embed_time(timesteps, x.dtype)
-        guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)  # (B, C, h, w)
         outs = []
         h = x
         for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

@@ -81,12 +81,18 @@ class Denoiser:
     inpainting UNets, as diffusers' inpaint pipelines); ControlNets see the plain latent.
     ``region(x, sigma, (y0, y1, x0, x1))`` denoises a latent tile whose place in the whole latent
     is given, cropping hints, ``latent_cond`` and ``c_concat`` to it (tiled sampling).
+    ``cache_hints``: run each unit's hint encoder once per run (per tile) instead of every step
+    (identical numbers; False runs it every step, as the original apps do).
+    A unit outside its [start, end] window, or at strength 0, runs no ControlNet at all; a
+    ``cond_only`` unit runs its ControlNet on the conditional half only (the UNet still runs the
+    whole batch).
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: DiscreteSchedule, cond: torch.Tensor,
                  uncond: torch.Tensor | None = None, guidance_scale: float = 9.0,
                  controls: Sequence[ControlInput] = (), only_mid_control: bool = False,
-                 sigmas: torch.Tensor | None = None, c_concat: torch.Tensor | None = None):
+                 sigmas: torch.Tensor | None = None, c_concat: torch.Tensor | None = None,
+                 cache_hints: bool = True):
         self.unet = unet
         self.schedule = schedule
         self.cond = cond  # (B, L, D)
@@ -100,6 +106,9 @@ class Denoiser:
         if self.use_cfg and uncond.shape[1:] != cond.shape[1:]:
             raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} contexts differ in shape")
         self.dtype = next(unet.parameters()).dtype
+        # hint-encoder outputs per (unit, tile region, rows), valid for this sampling run's weights
+        self.cache_hints = cache_hints
+        self._hint_cache: dict[tuple, torch.Tensor] = {}
 
     def progress(self, sigma: float) -> float:
         """Fraction of the sampling run done at ``sigma`` (0 at the first step)."""
@@ -108,21 +117,40 @@ class Denoiser:
         i = int((self.sigmas[:-1].double() - sigma).abs().argmin())
         return i / (len(self.sigmas) - 1)
 
+    def _guided_hint(self, k: int, c: ControlInput, region, b: int, n: int, z: torch.Tensor) -> torch.Tensor | None:
+        """Unit ``k``'s hint-encoder output for ``n`` rows, computed on first use and then reused:
+        the hint encoder sees neither the latent nor the timestep, so every step gets the numbers
+        running it each step would give (the same batched input through the same convolutions).
+        None for nets without a separate hint encoder or with a packed hint (run as they are)."""
+        if not self.cache_hints or not hasattr(c.net, "encode_hint") or c.hint.shape[1] != getattr(c.net, "hint_channels", -1):
+            return None
+        key = (k, region, n)
+        if key not in self._hint_cache:
+            hint = _batch(_crop(c.hint, region, 8).to(device=z.device, dtype=self.dtype), b, n, "hint")
+            if hint.shape[-2] != z.shape[-2] * 8 or hint.shape[-1] != z.shape[-1] * 8:
+                return None  # the net's forward names the size mismatch
+            self._hint_cache[key] = c.net.encode_hint(hint, self.dtype)
+        return self._hint_cache[key]
+
     def _residuals(self, z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, sigma: float, region=None):
         total = None
         b = z.shape[0] // 2 if self.use_cfg else z.shape[0]
         p = self.progress(sigma)
-        for c in self.controls:
+        for k, c in enumerate(self.controls):
             if p < c.start or p > c.end or c.strength == 0:
                 continue
             cond_only = self.use_cfg and (c.cond_only or c.global_average_pooling)
             n = b if cond_only else z.shape[0]
-            hint = _batch(_crop(c.hint, region, 8).to(device=z.device, dtype=self.dtype), b, n, "hint")
             extra = {}
             if c.latent_cond is not None:
                 lc = _crop(c.latent_cond, region, 1).to(device=z.device, dtype=self.dtype)
                 extra["latent_cond"] = _batch(lc, b, n, "latent_cond")
-            res = c.net(z[:n], hint, t[:n], ctx[:n], **extra)
+            guided = self._guided_hint(k, c, region, b, n, z)
+            if guided is None:
+                hint = _batch(_crop(c.hint, region, 8).to(device=z.device, dtype=self.dtype), b, n, "hint")
+                res = c.net(z[:n], hint, t[:n], ctx[:n], **extra)
+            else:
+                res = c.net(z[:n], None, t[:n], ctx[:n], guided_hint=guided, **extra)
             scales = control_scales(c.strength, c.soft, len(res))
             out = []
             for r, s in zip(res, scales):

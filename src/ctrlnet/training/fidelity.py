@@ -106,7 +106,8 @@ def generate_rows(models, rows: Sequence[dict], root, strength: float = 1.0, ste
         shape = (vae.embed_dim, hint.shape[-2] // vae.downscale, hint.shape[-1] // vae.downscale)
         z = generate_latents(models.unet, models.text, schedule, [r["prompt"] for r in part], shape,
                              models.controlnet, hint, steps, guidance_scale, strength, seed=seed + i)
-        out.extend(to_uint8(vae.decode(z.to(next(vae.parameters()).device))))
+        p = next(vae.parameters())
+        out.extend(to_uint8(vae.decode(z.to(p.device, p.dtype))))
     return out
 
 

@@ -207,6 +207,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
     def health() -> dict:
         """Liveness and load: jobs running + waiting, the queue's capacity, the measured pace."""
         return {"status": "ok", "queue": queue.pending, "capacity": queue.capacity, "device": str(models.device),
+                "dtype": str(models.dtype).replace("torch.", ""),  # what dtype "auto" resolved to
                 "seconds_per_step": round(queue.seconds_per_step(), 4)}
 
     app.include_router(v1.router_for(ctx))

@@ -42,6 +42,11 @@ def read_auth_file(path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _runs_in(models) -> str:
+    """" (bfloat16 on cpu)": the dtype ``auto`` resolved to, shown beside the loaded models."""
+    return f" ({str(models.dtype).replace('torch.', '')} on {models.device})"
+
+
 def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", device="auto", dtype="auto",
               defaults: dict | None = None, colorizer=None, units: int = DEFAULT_UNITS) -> gr.Blocks:
     """The Gradio app.
@@ -86,7 +91,8 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             nets_dd = gr.Dropdown(list(net_paths), value=[], multiselect=True,
                                   label="ControlNets" + ("" if models_dir else " (start with --models-dir to list some)"))
             load_btn = gr.Button("Load")
-            model_status = gr.Markdown(f"Loaded ControlNets: {', '.join(holder.net_names()) or 'none yet'}")
+            model_status = gr.Markdown(f"Loaded ControlNets: {', '.join(holder.net_names()) or 'none yet'}"
+                                       + (_runs_in(loaded.models) if loaded else ""))
         with gr.Tabs() as tabs:
             gen_tabs = {m: GenerateTab(m, holder, outputs_dir, runs, d, int(units)) for m in MODES}
             build_png_info_tab({k: gen_tabs[k] for k in ("txt2img", "img2img")}, tabs)
@@ -109,7 +115,7 @@ def build_app(models_or_loader=None, models_dir=None, outputs_dir="outputs", dev
             names = list(got.models.controlnets)
             values = {k: got.models.defaults.get(k, FALLBACK_DEFAULTS[k]) for k in MODEL_DEFAULT_FIELDS}
             values["width"] = values["height"] = values["resolution"]
-            return [f"Loaded ControlNets: {', '.join(names) or 'none'}",
+            return [f"Loaded ControlNets: {', '.join(names) or 'none'}{_runs_in(got.models)}",
                     *[gr.update(choices=names, value=pick_controlnet(None, names)) for _ in unit_models],
                     gr.update(choices=names, value=pick_controlnet("lineart", names)),
                     *[gr.update(value=values[k]) for _, k in sliders]]
