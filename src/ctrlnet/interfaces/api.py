@@ -58,11 +58,14 @@ class GenerateBody(BaseModel):
     controls: list[ControlBody] = Field(default_factory=list)
     num_images: int = 1
     resolution: Optional[int] = Field(None, description="null = the model's (GET /v1/models: defaults), else 512")
-    steps: Optional[int] = Field(None, description="null = the model's, else 20")
+    preset: Optional[str] = Field(None, description="sampler, schedule and steps by name (\"fast\": 10 steps of "
+                                                    "DPM++ 2M Karras); the fields given here win")
+    steps: Optional[int] = Field(None, description="null = the preset's, else the model's, else 20")
     guidance_scale: Optional[float] = Field(None, description="null = the model's, else 9")
     seed: int = Field(-1, description="-1 = random; the seed used is returned")
     eta: Optional[float] = Field(None, description="null = the sampler's (DDIM 0, ancestral/SDE samplers 1)")
-    sampler: str = Field("ddim", description="a key or an A1111 name: \"Euler a\", \"DPM++ 2M Karras\", \"UniPC\"...")
+    sampler: Optional[str] = Field(None, description="a key or an A1111 name: \"Euler a\", \"DPM++ 2M Karras\", "
+                                                     "\"UniPC\"...; null = the preset's, else ddim")
     schedule: Optional[str] = Field(None, description="null = the one in the sampler name, else the sampler's")
     guess_mode: bool = False
     only_mid_control: bool = False

@@ -1,0 +1,129 @@
+"""``ctrlnet batch``: one image per control image in a folder, resumable, over one or many processes.
+
+    ctrlnet batch maps/ --out out/ --prompt "a house" --annotator canny --seed 1
+    accelerate launch --num_processes 2 -m ctrlnet.interfaces.cli batch maps/ --out out/ --seed 1
+
+Each input ``maps/NAME.EXT`` gives ``out/NAME.png`` (with the settings recorded as ``ctrlnet generate``
+records them, so ``ctrlnet generate --from-png out/NAME.png`` makes it again) and its control map
+``out/NAME.control0.png``. Finished outputs are skipped, so a stopped job continues where it was;
+outputs are renamed into place complete, so a killed job leaves no half files. The seed of each
+item comes from ``--seed`` and the input's file name (:func:`ctrlnet.generation.batch.item_seed`),
+so one process and N processes write the same files. Under ``accelerate launch`` the unfinished
+items are split with Accelerate's ``PartialState.split_between_processes``, and each process loads
+the models on its own device.
+"""
+
+from __future__ import annotations
+
+import os
+
+MAP_SUFFIX = ".control0.png"  # next to OUT/NAME.png: the control map that --from-png reads back
+
+
+def add_batch_parser(sub) -> None:
+    from ctrlnet.interfaces.cli import _Formatter, add_request_args
+    from ctrlnet.interfaces.model_args import add_model_args
+
+    p = sub.add_parser(
+        "batch", help="generate one image per control image in a folder (resumable, multi-process)",
+        description=__doc__.split("\n\n")[0] + ". Each input NAME.EXT gives OUT/NAME.png (its settings recorded "
+                    "in the PNG) and OUT/NAME.control0.png; finished outputs are skipped on a rerun. The seed of "
+                    "each image is --seed plus the CRC-32 of the input's name, so any number of processes "
+                    "writes the same files.",
+        epilog="examples:\n"
+               "  ctrlnet batch edges/ --out out/ --prompt 'a house' --annotator none --seed 1\n"
+               "  ctrlnet batch photos/ --out out/ --annotator canny --prompt 'a house' --preset fast\n"
+               "  accelerate launch --num_processes 2 -m ctrlnet.interfaces.cli batch photos/ --out out/ --seed 1",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("input", help="a folder of control images (png, jpg, webp, bmp, tif)")
+    p.add_argument("--out", required=True, help="output folder (not the input folder)")
+    add_request_args(p)
+    p.set_defaults(seed=0)  # a batch needs a fixed seed: every process and every rerun must agree
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_args(p)
+    p.set_defaults(func=_cmd_batch)
+
+
+def _check_flags(args) -> None:
+    """Refuse what a batch cannot do, before anything loads (ValueError naming the flag)."""
+    from ctrlnet.generation.presets import apply_preset
+    from ctrlnet.sampling.names import resolve_sampler
+
+    if args.num_images != 1:
+        raise ValueError(f"--num-images {args.num_images}: a batch writes one image per input")
+    if args.init_image or args.mask:
+        raise ValueError("--init-image/--mask: a batch generates from each control image (txt2img)")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: a batch needs a fixed seed (0 or more) so that processes and "
+                         "reruns agree")
+    s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
+    resolve_sampler(s["sampler"] or "ddim", s["schedule"])
+
+
+def _process_state(device: str):
+    """Accelerate's view of the processes (one process without ``accelerate launch``); None when
+    Accelerate is not installed and no launcher started several processes."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("several processes need Accelerate: pip install accelerate") from None
+        return None
+    return PartialState(cpu=device == "cpu")
+
+
+def _cmd_batch(args) -> int:
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from ctrlnet.atomic import remove_stale_temps
+    from ctrlnet.generation.batch import list_images, pending, plan_items
+    from ctrlnet.image import load_image, save_image
+    from ctrlnet.interfaces.cli import _request_from_args
+    from ctrlnet.interfaces.model_args import load_named, name_controlnets
+    from ctrlnet.interfaces.outputs import check_output_dir, result_chunks
+    from ctrlnet.pipeline import generate
+
+    # everything that can be wrong with the inputs, before models load
+    _check_flags(args)
+    items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX,))
+    out = check_output_dir(args.out)
+    state = _process_state(args.device)
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    remove_stale_temps(out, recursive=False)  # only temps whose writer process is gone
+    todo = pending(items)
+    if state is not None:
+        state.wait_for_everyone()  # every process has listed the finished items before any writes one
+    split = state.split_between_processes(todo) if state is not None else nullcontext(todo)
+    with split as mine:
+        device = str(state.device) if state is not None and world > 1 and args.device == "auto" else args.device
+        extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
+        loaded = None
+        if mine:
+            loaded = load_named(args.base, name_controlnets(args.controlnet), device, args.dtype, args.low_vram,
+                                args.parameterization, vae=args.vae, **extra)
+        show = not args.no_progress and (state is None or state.is_local_main_process)
+        with tqdm(total=len(mine), desc="batch" if world == 1 else f"batch (process {rank} of {world})",
+                  unit="image", disable=not show) as bar:
+            for item in mine:
+                image = load_image(item.source, keep_alpha=True)
+                req = _request_from_args(args, loaded.models, {"controls": [image], "init_image": None, "mask": None})
+                req.seed = item.seed
+                req.validate()
+                result = generate(loaded.models, req)
+                map_name = item.source.stem + MAP_SUFFIX
+                save_image(result.control_maps[0], out / map_name)
+                # the image last: it marks the item finished
+                save_image(result.images[0], item.output,
+                           result_chunks(result, loaded.base, loaded.controlnets, loaded.dtype_name, [map_name],
+                                         vae=loaded.vae, extras=extra))
+                bar.update(1)
+    if state is not None:
+        state.wait_for_everyone()
+    if state is None or state.is_main_process:
+        print(f"{len(items) - len(todo)} of {len(items)} already done; wrote {len(todo)} to {out}"
+              + (f" with {world} processes" if world > 1 else ""), flush=True)
+    return 0
+
