@@ -16,8 +16,10 @@ the models on its own device.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 MAP_SUFFIX = ".control0.png"  # next to OUT/NAME.png: the control map that --from-png reads back
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 
 
 def add_batch_parser(sub) -> None:
@@ -36,8 +38,13 @@ def add_batch_parser(sub) -> None:
                "  accelerate launch --num_processes 2 -m ctrlnet.interfaces.cli batch photos/ --out out/ --seed 1",
         formatter_class=_Formatter,
     )
-    p.add_argument("input", help="a folder of control images (png, jpg, webp, bmp, tif)")
-    p.add_argument("--out", required=True, help="output folder (not the input folder)")
+    p.add_argument("input", help="a folder of control images (png, jpg, webp, bmp, tif), or a video to colour "
+                                 "after --reference")
+    p.add_argument("--out", required=True, help="output folder (not the input folder); for a video, the output video")
+    v = p.add_argument_group("video (reference colorization, fixed mode: `ctrlnet colorize video` split over processes)")
+    v.add_argument("--reference", default=None, help="colour image whose colours every frame takes")
+    v.add_argument("--colorizer", default=None, metavar="PATH", help="colorizer file (default: the embedded one)")
+    v.add_argument("--keep-frames", action="store_true", help="keep the frames folder (OUT.work) after encoding")
     add_request_args(p)
     p.set_defaults(seed=0)  # a batch needs a fixed seed: every process and every rerun must agree
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,6 +95,10 @@ def _cmd_batch(args) -> int:
 
     # everything that can be wrong with the inputs, before models load
     _check_flags(args)
+    if Path(args.input).is_file() and Path(args.input).suffix.lower() in VIDEO_SUFFIXES:
+        return _batch_video(args)
+    if args.reference or args.colorizer:
+        raise ValueError("--reference/--colorizer go with a video input")
     items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX,))
     out = check_output_dir(args.out)
     state = _process_state(args.device)
@@ -127,3 +138,37 @@ def _cmd_batch(args) -> int:
               + (f" with {world} processes" if world > 1 else ""), flush=True)
     return 0
 
+
+
+def _batch_video(args) -> int:
+    """A video coloured after ``--reference`` in the fixed mode, its frames split over the processes
+    (:func:`ctrlnet.colorize.video_job.colorize_video` with Accelerate's state); resumable as
+    ``ctrlnet colorize video`` is, from the same work folder."""
+    from ctrlnet.colorize.reference import ColorizeOptions, load_colorizer_models
+    from ctrlnet.colorize.video import probe
+    from ctrlnet.colorize.video_job import colorize_video
+    from ctrlnet.generation.presets import apply_preset
+    from ctrlnet.image import load_image
+    from ctrlnet.sampling.names import a1111_name
+
+    if not args.reference:
+        raise ValueError("a video input needs --reference (the colour image every frame takes its colours from)")
+    if args.controlnet:
+        raise ValueError("a video is coloured with the colorizer (--colorizer), not --controlnet")
+    probe(args.input)  # a file that is not a video fails before models load
+    reference = load_image(args.reference)
+    state = _process_state(args.device)
+    world = state.num_processes if state is not None else 1
+    device = str(state.device) if state is not None and world > 1 and args.device == "auto" else args.device
+    s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
+    options = ColorizeOptions(prompt=args.prompt, resolution=args.resolution, steps=s["steps"],
+                              guidance_scale=args.guidance_scale, seed=args.seed, strength=args.strength[0]
+                              if args.strength else 1.0,
+                              sampler=a1111_name(s["sampler"] or "ddim", s["schedule"]))  # the name carries the schedule
+    models = load_colorizer_models(args.base, args.colorizer, device, args.dtype, args.low_vram)
+    out = colorize_video(models, args.input, reference, args.out, "fixed", options,
+                         keep_frames=args.keep_frames, progress=not args.no_progress,
+                         model_name=str(args.colorizer), processes=state)
+    if state is None or state.is_main_process:
+        print(out, flush=True)
+    return 0
