@@ -2,6 +2,7 @@
 
     ctrlnet batch maps/ --out out/ --prompt "a house" --annotator canny --seed 1
     accelerate launch --num_processes 2 -m ctrlnet.interfaces.cli batch maps/ --out out/ --seed 1
+    accelerate launch --multi_gpu --num_processes 2 -m ctrlnet.interfaces.cli batch ...  # 2 CPU processes, no GPU
 
 Each input ``maps/NAME.EXT`` gives ``out/NAME.png`` (with the settings recorded as ``ctrlnet generate``
 records them, so ``ctrlnet generate --from-png out/NAME.png`` makes it again) and its control map
@@ -77,7 +78,15 @@ def _process_state(device: str):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise RuntimeError("several processes need Accelerate: pip install accelerate") from None
         return None
-    return PartialState(cpu=device == "cpu")
+    from ctrlnet.runtime.device import resolve_device
+
+    # Accelerate runs CPU processes together (gloo) only when told the device is the CPU
+    state = PartialState(cpu=resolve_device(device).type == "cpu")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:  # each process would do the whole job
+        raise RuntimeError(f"{launched} processes were launched but Accelerate sees {state.num_processes}; "
+                           "launch with `accelerate launch` (or torchrun) on one kind of device")
+    return state
 
 
 def _cmd_batch(args) -> int:
