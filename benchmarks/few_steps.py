@@ -14,8 +14,8 @@ reference; every setting is then drawn with the same seed through ``ctrlnet.pipe
 - colour IoU, shape IoU, colour error: ``ctrlnet.training.fidelity.circle_score`` of the setting's own
   images (what ``benchmarks/fidelity.py`` reports), so a setting that is close but worse is seen.
 
-The fast preset (:data:`ctrlnet.generation.presets.PRESETS`) is the 10-step setting whose mean error is
-at most DDIM 20's. Results go to ``OUT/few_steps.json``.
+The fast preset (:data:`ctrlnet.generation.presets.PRESETS`) is the 10-step setting with the lowest mean
+error (none reached DDIM 20's; see the README). Results go to ``OUT/few_steps.json``.
 """
 
 from __future__ import annotations
