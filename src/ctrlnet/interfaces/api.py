@@ -58,8 +58,8 @@ class GenerateBody(BaseModel):
     controls: list[ControlBody] = Field(default_factory=list)
     num_images: int = 1
     resolution: Optional[int] = Field(None, description="null = the model's (GET /v1/models: defaults), else 512")
-    preset: Optional[str] = Field(None, description="sampler, schedule and steps by name (\"fast\": 10 steps of "
-                                                    "DPM++ 2M Karras); the fields given here win")
+    preset: Optional[str] = Field(None, description="sampler, schedule and steps by name (\"fast\": 10 Euler "
+                                                    "steps); the fields given here win")
     steps: Optional[int] = Field(None, description="null = the preset's, else the model's, else 20")
     guidance_scale: Optional[float] = Field(None, description="null = the model's, else 9")
     seed: int = Field(-1, description="-1 = random; the seed used is returned")
