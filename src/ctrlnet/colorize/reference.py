@@ -66,7 +66,11 @@ def default_colorizer() -> Path:
 def random_colorizer(models: Models, seed: str = "colorizer") -> ReferenceControlNet:
     """A reference ControlNet on ``models``' UNet with random zero convs and reference weights
     (so it acts); for tests and smoke runs."""
-    net = ReferenceControlNet.from_unet(models.base.unet)
+    # the layers from_unet does not copy take torch's default init: seeded here, so the net is the same
+    # whatever the global RNG went through (two processes of a batch job must build the same one)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(seed.encode()))
+        net = ReferenceControlNet.from_unet(models.base.unet)
     g = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
     with torch.no_grad():
         for k, p in net.named_parameters():

@@ -18,6 +18,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _PLUGINS = [
     ("ctrlnet.interfaces.train_cli", ("add_train_parser", "add_data_parser", "add_add_control_parser")),
     ("ctrlnet.interfaces.colorize_cli", ("add_colorize_parser",)),
+    ("ctrlnet.interfaces.batch_cli", ("add_batch_parser",)),
     ("ctrlnet.interfaces.convert_cli", ("add_convert_parser",)),
     ("ctrlnet.interfaces.models_cli", ("add_models_parser",)),
     ("ctrlnet.interfaces.server_cli", ("add_ui_parser", "add_serve_parser")),
@@ -25,7 +26,6 @@ _PLUGINS = [
 
 
 def _add_generate(sub) -> None:
-    from ctrlnet.generation.request import DEFAULT_MAX_PIXELS, ControlMode, InpaintFill, ResizeMode, Upscaler
     from ctrlnet.interfaces.model_args import add_model_args
 
     p = sub.add_parser(
@@ -41,12 +41,27 @@ def _add_generate(sub) -> None:
                "  ctrlnet generate --from-png outputs/1_0.png --out again",
         formatter_class=_Formatter,
     )
-    p.add_argument("--prompt", default="", help="what to draw")
-    p.add_argument("--added-prompt", default=None, help="appended to the prompt (default: the model's)")
-    p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the model's)")
     p.add_argument("--control", action="append", default=[], metavar="IMAGE",
                    help="control image (repeat for several ControlNets, paired in order with --controlnet); "
                         "'init' = the --init-image (with --annotator inpaint: the v1.1 inpaint map)")
+    add_request_args(p)
+    p.add_argument("--from-png", default=None, metavar="PNG",
+                   help="redo the image a previous run wrote: its settings, seed, models and control maps "
+                        "(saved next to it) are read from the PNG; --base/--controlnet/--out override")
+    p.add_argument("--out", default="outputs", help="output folder")
+    add_model_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def add_request_args(p: argparse.ArgumentParser) -> None:
+    """The flags that make a request (prompt, per-control settings, size, sampling, workflows), shared
+    by ``ctrlnet generate`` and ``ctrlnet batch``; read back by :func:`_request_from_args`."""
+    from ctrlnet.generation.presets import PRESETS
+    from ctrlnet.generation.request import DEFAULT_MAX_PIXELS, ControlMode, InpaintFill, ResizeMode, Upscaler
+
+    p.add_argument("--prompt", default="", help="what to draw")
+    p.add_argument("--added-prompt", default=None, help="appended to the prompt (default: the model's)")
+    p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the model's)")
     p.add_argument("--annotator", action="append", default=[], metavar="NAME",
                    help="annotator for each --control ('none' = the image is already a control map; "
                         "list: ctrlnet annotate --list)")
@@ -90,23 +105,22 @@ def _add_generate(sub) -> None:
                    help="textual-inversion files or folders, used by file name in the prompt")
     p.add_argument("--num-images", "-n", type=int, default=1, help="images per run (1..12)")
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 20)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="sampler, schedule and steps by name (fast: " + PRESETS["fast"].summary + "); "
+                        "--sampler/--schedule/--steps given explicitly win")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the preset's, else the model's, else 20)")
     p.add_argument("--guidance-scale", "--scale", type=float, default=None,
                    help="how strongly to follow the prompt (default: the model's, else 9)")
     p.add_argument("--seed", type=int, default=-1, help="-1 picks one and reports it")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of DDIM and the ancestral/SDE samplers, 0..1; None: the sampler's (DDIM 0, others 1)")
-    p.add_argument("--sampler", default="ddim",
-                   help="a sampler as A1111 names it (\"Euler a\", \"DPM++ 2M Karras\", UniPC, LCM...) or a key (ddim, euler_a...)")
+    p.add_argument("--sampler", default=None,
+                   help="a sampler as A1111 names it (\"Euler a\", \"DPM++ 2M Karras\", UniPC, LCM...) or a key "
+                        "(ddim, euler_a...); default: the preset's, else ddim")
     p.add_argument("--schedule", default=None,
                    help="karras, exponential, uniform, sgm_uniform, simple, ddim, lcm; None: the sampler's")
     p.add_argument("--clip-skip", type=int, default=1, help="1 or 2")
-    p.add_argument("--from-png", default=None, metavar="PNG",
-                   help="redo the image a previous run wrote: its settings, seed, models and control maps "
-                        "(saved next to it) are read from the PNG; --base/--controlnet/--out override")
-    p.add_argument("--out", default="outputs", help="output folder")
-    add_model_args(p)
-    p.set_defaults(func=_cmd_generate)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -158,6 +172,9 @@ def _lora_arg(text: str) -> tuple[str, float]:
 
 
 def _request_from_args(args, models, inputs: dict):
+    """The request the flags of :func:`add_request_args` describe, for ``models`` (their defaults fill
+    what the flags leave out) and the images in ``inputs`` (``controls``, ``init_image``, ``mask``)."""
+    from ctrlnet.generation.presets import apply_preset
     from ctrlnet.pipeline import ControlSpec, GenerationRequest
 
     controls = []
@@ -173,14 +190,17 @@ def _request_from_args(args, models, inputs: dict):
             detect_resolution=_per_unit(args.detect_resolution, i, None),
             pixel_perfect=_per_unit(args.pixel_perfect, i, "no") == "yes",
         ))
+    # explicit flags, then the preset, then the model's defaults, then SD's
+    sampling = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps},
+                            getattr(args, "preset", None))
     return GenerationRequest(
         prompt=args.prompt, added_prompt=args.added_prompt, negative_prompt=args.negative_prompt,
         controls=controls, num_images=args.num_images,
         resolution=args.resolution or models.defaults.get("resolution", 512),
-        steps=args.steps if args.steps is not None else models.defaults.get("steps", 20),
+        steps=sampling["steps"] if sampling["steps"] is not None else models.defaults.get("steps", 20),
         guidance_scale=(args.guidance_scale if args.guidance_scale is not None
                         else models.defaults.get("guidance_scale", 9.0)),
-        seed=args.seed, eta=args.eta, sampler=args.sampler, schedule=args.schedule,
+        seed=args.seed, eta=args.eta, sampler=sampling["sampler"] or "ddim", schedule=sampling["schedule"],
         guess_mode=args.guess_mode, clip_skip=args.clip_skip,
         width=args.width, height=args.height, max_pixels=args.max_pixels,
         init_image=inputs["init_image"], denoising_strength=args.denoising_strength, mask=inputs["mask"],

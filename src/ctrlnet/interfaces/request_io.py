@@ -168,10 +168,20 @@ MODEL_DEFAULT_FIELDS = ("resolution", "steps", "guidance_scale")
 
 def with_model_defaults(d: dict, defaults: dict) -> dict:
     """``d`` with the model's resolution, steps and guidance where ``d`` leaves them out or null
-    (a client that names them keeps its values). Other entries of ``defaults`` are ignored."""
+    (a client that names them keeps its values). Other entries of ``defaults`` are ignored.
+
+    A ``preset`` entry (a name in :data:`ctrlnet.generation.presets.PRESETS`, e.g. ``"fast"``) is
+    taken out and fills sampler, schedule and steps first, so it wins over the model's steps and
+    loses to the client's own values. ValueError for an unknown preset."""
     if not isinstance(d, dict):
         return d  # request_from_dict names the error
+    from ctrlnet.generation.presets import apply_preset
+
     out = dict(d)
+    preset = out.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"preset={preset!r} must be a string")
+    out = apply_preset(out, preset)
     for k in MODEL_DEFAULT_FIELDS:
         if out.get(k) is None and k in defaults:
             out[k] = defaults[k]

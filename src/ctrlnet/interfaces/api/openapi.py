@@ -23,6 +23,7 @@ def _enum(values) -> list:
 
 def _bounds(schemas: dict, ctx) -> None:
     from ctrlnet.annotators import list_annotators
+    from ctrlnet.generation.presets import PRESETS
     from ctrlnet.sampling.names import SAMPLER_ALIASES, sampler_names, schedule_names
     from ctrlnet.sampling.samplers import SAMPLERS
     from ctrlnet.sampling.schedule import SCHEDULES
@@ -53,6 +54,7 @@ def _bounds(schemas: dict, ctx) -> None:
     _set(g["tile_overlap"], minimum=0, maximum=256, multipleOf=8)
     _set(g["sampler"], enum=_enum([*SAMPLERS, *SAMPLER_ALIASES, *sampler_names(with_schedules=True)]))
     _set(g["schedule"], enum=_enum([*SCHEDULES, *schedule_names()]))
+    _set(g["preset"], enum=_enum(PRESETS))
     _set(g["inpaint_fill"], enum=[m.value for m in InpaintFill])
     _set(g["hires_upscaler"], enum=[m.value for m in Upscaler])
     for k in ("init_image", "mask"):
