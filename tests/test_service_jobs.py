@@ -379,14 +379,15 @@ def test_openapi_declares_auth_errors_bounds_and_enums(make_client):
     assert branch(g["steps"])["maximum"] == LONG and branch(g["resolution"])["maximum"] == 128
     assert branch(g["width"])["multipleOf"] == 8 and g["num_images"]["maximum"] == 2
     assert branch(g["max_pixels"])["maximum"] == 123456
-    assert {"ddim", "Euler a", "DPM++ 2M Karras", "UniPC"} <= set(g["sampler"]["enum"])
+    assert {"ddim", "Euler a", "DPM++ 2M Karras", "UniPC"} <= set(branch(g["sampler"])["enum"]) and branch(g["preset"])["enum"] == ["fast"]
     assert {"karras", "Karras", "Automatic"} <= set(branch(g["schedule"])["enum"])
     assert branch(u["annotator"])["enum"] == list_annotators()
     assert branch(u["model"])["enum"] == ["edges"]
     assert u["control_mode"]["enum"] == ["balanced", "prompt", "controlnet"]
     assert u["resize_mode"]["enum"] == ["just_resize", "crop_and_resize", "resize_and_fill"]
-    # the documented body is what request_io accepts (plus the image slots), so neither drifts
-    assert set(g) == (set(_REQUEST_FIELDS) - _SERVER_ONLY) | {"init_image", "mask"}
+    # the documented body is what request_io accepts (plus the image slots, and the preset that
+    # with_model_defaults expands), so neither drifts
+    assert set(g) == (set(_REQUEST_FIELDS) - _SERVER_ONLY) | {"init_image", "mask", "preset"}
     assert set(u) == set(_CONTROL_FIELDS) | {"image"}
 
 
