@@ -346,10 +346,17 @@ class GenerateTab:
                 return (min(MAX_SIDE, max(64, round(w / 8) * 8)), min(MAX_SIDE, max(64, round(h / 8) * 8)),
                         (h, w))
 
-            # A new image sets the size to its own (rounded to 8), so it is not stretched. On change,
-            # not upload: the editor sends its background asynchronously, after the upload event.
+            # A new image sets the size to its own (rounded to 8), so it is not stretched. The image
+            # input reports it on change. The editor (Gradio 6) sends change with an id of blobs it
+            # posts first, but its first change after an upload comes before the canvas has the
+            # image: no blob is posted, the server resolves the id to an empty value and no later
+            # change follows until a stroke. Its upload event carries the uploaded layers, so it
+            # listens to both; fit_size ignores values with no image or an unchanged size.
             source.change(fit_size, [source, fitted], [s["width"], s["height"], fitted], api_visibility="private",
                           api_name=f"{self.mode}_fit_size")
+            if self.editor is not None:
+                self.editor.upload(fit_size, [source, fitted], [s["width"], s["height"], fitted],
+                                   api_visibility="private")
 
     def apply(self, fields: dict) -> list:
         """Widget updates (settings, then each unit's widgets) for request fields from PNG info;
