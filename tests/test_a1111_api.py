@@ -13,6 +13,7 @@ import pytest
 from ctrlnet.generation.request import ControlMode, InpaintFill, ResizeMode, Upscaler
 from ctrlnet.interfaces.a1111_modules import MODULES, resolve_module
 from ctrlnet.interfaces.api.a1111_payload import Catalog, response, translate
+from serve_process import free_port, serve_process  # noqa: E402
 
 CAT = Catalog("tiny-sd1 [abcd1234]", {"edges": "edges [12345678]", "depth": "control_depth [0badf00d]"})
 PIC = (np.arange(48 * 80 * 3) % 251).astype(np.uint8).reshape(48, 80, 3)
@@ -286,53 +287,20 @@ def test_response_shape_images_maps_and_info():
 
 # ---- a real server driven by the unmodified webuiapi client -------------------------------------
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 TOKEN = "a1111-test-token-0123456789"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    port = _free_port()
-    env = {**os.environ, "CTRLNET_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ctrlnet.interfaces.cli", "serve", "--base", "random:tiny-sd1",
-           "--controlnet", "random:edges", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-steps", "1000", "--max-resolution", "512", "--max-queue", "4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not come up in 90 s")
-            time.sleep(0.3)
+    port = free_port()
+    with serve_process(["--max-steps", "1000", "--max-resolution", "512", "--max-queue", "4"], token=TOKEN,
+                       port=port) as (url, _):
         yield port, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

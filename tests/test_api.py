@@ -3,16 +3,13 @@
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_process import serve_process  # noqa: E402
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -22,42 +19,11 @@ TOKEN = "test-token-0123456789abcdef"
 MAX_PIXELS = 1_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    env = {**os.environ, "CTRLNET_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ctrlnet.interfaces.cli", "serve", "--base", "random:tiny-sd1",
-           "--controlnet", "random:edges", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-queue", "2", "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "2", "--max-steps", "10",
-           "--max-resolution", "256", "--max-images", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not come up in 90 s")
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(["--max-queue", "2", "--max-pixels", str(MAX_PIXELS), "--max-body-mb", "2",
+                        "--max-steps", "10", "--max-resolution", "256", "--max-images", "2"], token=TOKEN) as got:
+        yield got
 
 
 def _png(img: np.ndarray) -> bytes:

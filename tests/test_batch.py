@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import zlib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from ctrlnet.generation.batch import item_seed, list_images, plan_items
 from ctrlnet.interfaces.cli import main
+from serve_process import free_port  # noqa: E402
 
 # tiny random models at 64 px and 2 steps: the point is the bookkeeping, not the pictures
 MODEL_ARGS = ["--base", "random:tiny-sd1", "--controlnet", "random:c", "--device", "cpu"]
@@ -119,12 +119,6 @@ def test_work_list_is_sorted_and_seeds_depend_on_names_only(tmp_path):
 
 # ---- two processes through Accelerate (gloo on the CPU), as `accelerate launch` would start them ----
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, inp: str, out: str) -> None:
     # the environment accelerate launch / torchrun set
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
@@ -163,7 +157,7 @@ def test_two_processes_write_exactly_the_files_one_process_does(tmp_path, capsys
         assert _batch(inp, tmp_path / "one") == 0  # one process: this one, no launcher
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(inp), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(inp), str(tmp_path / "two")), nprocs=2, join=True)
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
     assert sorted(one) == sorted(two) and len(one) == 6

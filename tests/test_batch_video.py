@@ -5,7 +5,6 @@ frames one process does."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -17,16 +16,11 @@ from ctrlnet.colorize.reference import ColorizeOptions, load_colorizer_models  #
 from ctrlnet.colorize.synthetic import synthetic_clip  # noqa: E402
 from ctrlnet.colorize.video import count_frames, write_video  # noqa: E402
 from ctrlnet.image import save_image  # noqa: E402
+from serve_process import free_port  # noqa: E402
 
 N = 3  # frames
 CLI = ["--base", "random:tiny-sd1", "--colorizer", "random", "--device", "cpu", "--resolution", "64", "--steps", "1",
        "--seed", "3", "--keep-frames", "--no-progress"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, clip: str, ref: str, out: str) -> None:
@@ -59,7 +53,7 @@ def test_two_processes_colour_the_frames_one_process_does(tmp_path):
                                  model_name="random")
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), str(clip), str(ref), str(tmp_path / "two.mp4")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(clip), str(ref), str(tmp_path / "two.mp4")), nprocs=2, join=True)
 
     one = sorted((tmp_path / "one.mp4.work" / "frames").glob("*.png"))
     two = sorted((tmp_path / "two.mp4.work" / "frames").glob("*.png"))

@@ -7,10 +7,7 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ctrlnet.interfaces.api import create_app  # noqa: E402
 from ctrlnet.interfaces.api.jobs import CANCELLED, DONE, JobExpired, JobNotFound, JobQueue, QueueFull  # noqa: E402
 from ctrlnet.interfaces.limits import Limits  # noqa: E402
+from serve_process import serve_process  # noqa: E402
 
 TOKEN = "jobs-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -490,42 +488,11 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(models):
 
 # ---- a real server on 127.0.0.1 -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    env = {**os.environ, "CTRLNET_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "ctrlnet.interfaces.cli", "serve", "--base", "random:tiny-sd1",
-           "--controlnet", "random:edges", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-           "--max-queue", "4", "--max-steps", str(LONG), "--max-resolution", "128", "--max-images", "1",
-           "--keep-count", "16", "--no-access-log"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not come up in 90 s")
-            time.sleep(0.3)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(["--max-queue", "4", "--max-steps", str(LONG), "--max-resolution", "128", "--max-images", "1",
+                        "--keep-count", "16", "--no-access-log"], token=TOKEN) as got:
+        yield got
 
 
 def test_a_synchronous_client_that_disconnects_stops_its_job(server):
