@@ -324,6 +324,18 @@ def _lookup(ctx: ServiceContext, job_id: str) -> Job:
         raise HTTPException(404, str(e.args[0])) from None
 
 
+async def _answer(ctx, request, job):
+    """A synchronous route's answer once its job ends: the result, 409 when cancelled, the job's
+    error mapped to a status, or 499 (job cancelled) when the client went away meanwhile."""
+    if not await wait_or_cancel(ctx, request, job):
+        return JSONResponse({"detail": "client disconnected; job cancelled"}, status_code=499)
+    if job.state == DONE:
+        return job.result
+    if job.state == CANCELLED:
+        raise HTTPException(409, f"job {job.id} was cancelled")
+    raise http_error(job.error, before_work=False)
+
+
 async def wait_or_cancel(ctx: ServiceContext, request: Request, job: Job, poll_s: float = 0.25) -> bool:
     """Wait for ``job``; if the client goes away first, cancel the job (it stops at its next step)
     and return False."""
@@ -375,13 +387,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         """Generate and wait for the images. A client that disconnects cancels its job."""
         req = await read_generate(request, ctx)
         job = submit_generation(req)
-        if not await wait_or_cancel(ctx, request, job):
-            return JSONResponse({"detail": "client disconnected; job cancelled"}, status_code=499)
-        if job.state == DONE:
-            return job.result
-        if job.state == CANCELLED:
-            raise HTTPException(409, f"job {job.id} was cancelled")
-        raise http_error(job.error, before_work=False)
+        return await _answer(ctx, request, job)
 
     @r.post("/jobs", status_code=202, response_model=JobStatus, responses=_errors(400, 401, 413, 422, 429),
             openapi_extra=_schema_extra(GenerateBody, _GENERATE_MULTIPART))
@@ -479,12 +485,6 @@ def router_for(ctx: ServiceContext) -> APIRouter:
             return out
 
         job = ctx.queue.submit(work, 1, kind="annotate")
-        if not await wait_or_cancel(ctx, request, job):
-            return JSONResponse({"detail": "client disconnected"}, status_code=499)
-        if job.state == DONE:
-            return job.result
-        if job.state == CANCELLED:
-            raise HTTPException(409, f"job {job.id} was cancelled")
-        raise http_error(job.error, before_work=False)
+        return await _answer(ctx, request, job)
 
     return r
