@@ -471,7 +471,10 @@ def test_progress_during_a_run_and_interrupt(api, server):
     t.join(60)
     assert not t.is_alive()
     res = out["res"]
-    assert res.images == [] and res.info["ctrlnet_interrupted"] is True
+    # A1111 answers an interrupted run with the image so far (its last x0 estimate)
+    assert len(res.images) == 1 and res.images[0].size == (128, 128)
+    assert res.info["ctrlnet_interrupted"] is True and 0 < res.info["ctrlnet_interrupted_at_step"] < 1000
+    assert res.info["all_seeds"] == [5] and "Seed: 5" in res.info["infotexts"][0]
     assert httpx.get(url + "/sdapi/v1/progress", headers=h).json()["state"]["job_count"] == 0
     nxt = api.txt2img(prompt="after", seed=6, steps=2, width=64, height=64, alwayson_scripts={})
     assert len(nxt.images) == 1 and nxt.info["all_seeds"] == [6]

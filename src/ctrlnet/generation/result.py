@@ -15,13 +15,15 @@ from ctrlnet.generation.request import GenerationRequest
 class GenerationResult:
     """``images``: (H, W, 3) uint8 each; ``control_maps``: the maps used, (H, W, C) uint8, one per unit
     (at the last pass's size); ``seed``: the batch's seed (image k used ``seeds[k]``);
-    ``request``: the request with the seed and prompts actually used."""
+    ``request``: the request with the seed and prompts actually used; ``interrupted_at``: for the
+    partial answer of a cancelled run, the steps finished (over all passes) when it stopped."""
 
     images: list[np.ndarray]
     control_maps: list[np.ndarray]
     seed: int
     request: GenerationRequest
     seeds: list[int] = field(default_factory=list)
+    interrupted_at: int | None = None
 
     def __post_init__(self):
         if not self.seeds:

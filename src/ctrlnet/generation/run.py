@@ -35,14 +35,25 @@ Progress = Callable[[int, int], None]
 
 
 class GenerationCancelled(RuntimeError):
-    """Raised at the next step after the caller's ``cancel()`` returned True."""
+    """Raised at the next step after the caller's ``cancel()`` returned True.
+
+    ``partial``: with ``generate(..., keep_partial=True)``, the images so far (a
+    :class:`GenerationResult` whose ``interrupted_at`` is the last finished step), else None.
+    """
+
+    def __init__(self, message: str = "generation cancelled"):
+        super().__init__(message)
+        self.partial: GenerationResult | None = None
 
 
 class _Steps:
-    """Progress over all passes, and the cancel check, as one sampler callback factory."""
+    """Progress over all passes, and the cancel check, as one sampler callback factory. Keeps the
+    last step's ``denoised`` (the model's x0 estimate, latent scale) for a partial answer."""
 
     def __init__(self, total: int, progress: Progress | None, cancel: Callable[[], bool] | None):
         self.total, self.done, self.progress, self.cancel = max(1, total), 0, progress, cancel
+        self.last_denoised: torch.Tensor | None = None
+        self.maps: list[np.ndarray] = []  # the running pass's control maps
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel():
@@ -51,6 +62,7 @@ class _Steps:
     def callback(self, extra: Callable[[dict], None] | None = None):
         def cb(info: dict) -> None:
             self.done += 1
+            self.last_denoised = info.get("denoised")
             if extra is not None:
                 extra(info)
             if self.progress is not None:
@@ -144,6 +156,7 @@ def _sample_pass(models: Models, plan: Plan, size: tuple[int, int], hires: bool,
             lc = encode_images(models, [preprocess.fit_image(u.spec.reference, size)])
         maps.append(display_map(cmap))
         controls.append(control_input(models, u.net, u.spec, cmap, req.guess_mode, lc))
+    steps.maps = maps
 
     x0 = start_latents
     if x0 is None and start_image is not None:
@@ -195,11 +208,14 @@ def _upscale(models: Models, latents: torch.Tensor, size: tuple[int, int], upsca
 
 def generate(models: Models, request: GenerationRequest, progress: Progress | None = None,
              cancel: Callable[[], bool] | None = None, allow_paths: bool = True,
-             timings: dict[str, float] | None = None) -> GenerationResult:
+             timings: dict[str, float] | None = None, keep_partial: bool = False) -> GenerationResult:
     """Generate ``request.num_images`` images (see :class:`GenerationRequest` for every option).
 
     ``progress(done, total)`` is called after every sampling step of every pass; ``cancel()`` is
-    polled there too and a True stops the run with :class:`GenerationCancelled`. Raises ValueError
+    polled there too and a True stops the run with :class:`GenerationCancelled`; with
+    ``keep_partial`` that exception carries the images so far in ``partial``: the last finished
+    step's x0 estimate decoded (and composited for inpainting), as A1111 answers an interrupted
+    request (its samplers return the last ``denoised`` on interrupt). Raises ValueError
     or :class:`~ctrlnet.image.ImageError` naming the cause before any model runs. LoRAs (the
     request's and the prompt's ``<lora:NAME:W>`` tags) are merged for this call only and the
     weights restored exactly after it. ``allow_paths=False`` for untrusted requests: LoRAs by name
@@ -226,7 +242,12 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
             crop = full_mask if plan.box is None else full_mask[plan.box[0]:plan.box[1], plan.box[2]:plan.box[3]]
             mask = MaskSet.make(crop, plan.size, req.mask_blur)
     with apply_loras(models.base.unet, models.base.text_encoder, models.controlnets, plan.loras):
-        return _generate(models, plan, steps, noise, init, source, start, mask, full_mask, timings)
+        try:
+            return _generate(models, plan, steps, noise, init, source, start, mask, full_mask, timings)
+        except GenerationCancelled as e:
+            if keep_partial and steps.last_denoised is not None:
+                e.partial = _partial(models, plan, steps, init, start, mask, full_mask)
+            raise
 
 
 def _generate(models, plan, steps, noise, init, source, start, mask, full_mask, timings) -> GenerationResult:
@@ -248,18 +269,43 @@ def _generate(models, plan, steps, noise, init, source, start, mask, full_mask, 
         with _timed(timings, "sampling", dev):
             latents, maps = _sample_pass(models, plan, plan.size, False, units, cond, uncond, noise, steps,
                                          start_image=start if init is not None else None, mask=mask)
-        tile_px = req.tile_size
         if plan.hires_size is not None:
             with _timed(timings, "sampling", dev):
-                up = _upscale(models, latents, plan.hires_size, req.hires_upscaler, tile_px)
+                up = _upscale(models, latents, plan.hires_size, req.hires_upscaler, req.tile_size)
                 latents, maps = _sample_pass(models, plan, plan.hires_size, True, units, cond, uncond, noise, steps,
                                              start_latents=up)
         with _timed(timings, "decode", dev):
-            images = decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None,
-                                   as_float=mask is not None)
-    if mask is not None:
-        images = [composite(im, start, mask.pixel) for im in images]
-        if plan.box is not None:
-            full_pixel = preprocess.blur_mask(full_mask, req.mask_blur)
-            images = [paste(init, im, plan.box, full_pixel) for im in images]
+            images = _decode(models, plan, latents, mask is not None)
+    images = _finish(plan, images, init, start, mask, full_mask)
     return GenerationResult(images, maps, req.seed, req, list(plan.seeds))
+
+
+def _decode(models: Models, plan: Plan, latents: torch.Tensor, as_float: bool) -> list[np.ndarray]:
+    tile_px = plan.request.tile_size
+    return decode_images(models, latents, tile_px if tile_px and max(plan.out_size) > tile_px else None,
+                         as_float=as_float)
+
+
+def _finish(plan: Plan, images, init, start, mask, full_mask) -> list[np.ndarray]:
+    """Decoded images -> the answer: inpainting keeps the unmasked pixels and pastes an
+    only-masked crop back into the whole picture."""
+    if mask is None:
+        return images
+    images = [composite(im, start, mask.pixel) for im in images]
+    if plan.box is not None:
+        full_pixel = preprocess.blur_mask(full_mask, plan.request.mask_blur)
+        images = [paste(init, im, plan.box, full_pixel) for im in images]
+    return images
+
+
+def _partial(models, plan, steps, init, start, mask, full_mask) -> GenerationResult:
+    """The images at the step a cancel stopped: the last x0 estimate, decoded and finished like
+    the answer (an estimate from a hires pass is at the hires size)."""
+    req = plan.request
+    with torch.no_grad():
+        images = _decode(models, plan, steps.last_denoised, mask is not None)
+    if mask is not None and images[0].shape[:2] != mask.pixel.shape[:2]:
+        mask = None  # a hires-pass estimate: nothing at this size to composite with
+    images = _finish(plan, images, init, start, mask, full_mask)
+    return GenerationResult(images, list(steps.maps), req.seed, req, list(plan.seeds),
+                            interrupted_at=steps.done)

@@ -174,7 +174,8 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         try:
             body = await _json(request)
             t = translate(body, mode, cat, decode, max_controls=lim.max_controls)
-            job = ctx.submit(t.request, lambda result: response(result, t, cat, codec.png_b64, version="ctrlnet"))
+            job = ctx.submit(t.request, lambda result: response(result, t, cat, codec.png_b64, version="ctrlnet"),
+                             keep_partial=True)
         except Exception as e:  # noqa: BLE001 - one map to statuses (422 bad field, 400 bad image, ...)
             return _as_error(e)
         labels[job.id] = mode
@@ -184,9 +185,10 @@ def router_for(ctx: ServiceContext) -> APIRouter:
             return _error(499, "client disconnected; job cancelled")
         if job.state == DONE:
             return job.result
+        if job.state == CANCELLED and job.result is not None:
+            return job.result  # A1111 answers an interrupted run with the images so far
         if job.state == CANCELLED:
-            # A1111 answers an interrupted run with what it has; generation here stops without
-            # images, so the answer is an empty list and says why (never a 5xx).
+            # stopped before its first step: nothing to show, and the answer says why (never a 5xx)
             info = {"ctrlnet_interrupted": True, "ctrlnet_ignored": t.ignored, "infotexts": [], "all_seeds": [],
                     "seed": t.request.seed, "job_timestamp": t.timestamp}
             return {"images": [], "parameters": t.echo, "info": json.dumps(info)}

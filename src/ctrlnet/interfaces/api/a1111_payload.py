@@ -441,7 +441,8 @@ def response(result, t: Translated, catalog: Catalog, png_b64: Callable, version
     """A1111's ``TextToImageResponse``/``ImageToImageResponse``: ``images`` (base64 PNGs with the
     ``parameters`` infotext, then the control maps of units that keep them), ``parameters`` (the
     body as sent, init images left out unless asked), ``info`` (a JSON string with A1111's keys,
-    plus ``ctrlnet_ignored`` and ``ctrlnet_request``)."""
+    plus ``ctrlnet_ignored`` and ``ctrlnet_request``; for an interrupted run's images so far also
+    ``ctrlnet_interrupted`` and ``ctrlnet_interrupted_at_step``)."""
     r = result.request
     model = _bare(catalog.base_title)
     texts = [result.parameters_text(catalog.base_title.split(" [", 1)[0], k) for k in range(len(result.images))]
@@ -467,4 +468,6 @@ def response(result, t: Translated, catalog: Catalog, png_b64: Callable, version
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
             "job_timestamp": t.timestamp, "clip_skip": r.clip_skip, "is_using_inpainting_conditioning": False,
             "version": version, "ctrlnet_ignored": dict(t.ignored), "ctrlnet_request": r.to_dict()}
+    if result.interrupted_at is not None:  # an interrupted run's images so far
+        info.update(ctrlnet_interrupted=True, ctrlnet_interrupted_at_step=result.interrupted_at)
     return {"images": images, "parameters": t.echo, "info": json.dumps(info)}

@@ -79,17 +79,25 @@ class ServiceContext:
                                      f"the limit is {lim.max_output_pixels} (lower the size, images or hires scale)")
         return plan
 
-    def submit(self, req: GenerationRequest, encode: Callable, plan=None) -> Job:
+    def submit(self, req: GenerationRequest, encode: Callable, plan=None, keep_partial: bool = False) -> Job:
         """Check ``req`` (see :meth:`check`) and queue its generation; the job's result is
         ``encode(result)`` (run on the worker, so PNG encoding does not block the event loop).
-        Raises HTTPException 422 before queueing, and ``QueueFull`` (429) when busy."""
-        from ctrlnet.generation.run import generate
+        ``keep_partial``: a cancelled job keeps ``encode(images so far)`` as its result (A1111's
+        interrupt answers with them). Raises HTTPException 422 before queueing, and ``QueueFull``
+        (429) when busy."""
+        from ctrlnet.generation.run import GenerationCancelled, generate
 
         plan = plan or self.check(req)
         models = self.models
 
         def work(progress, cancel):
-            result = generate(models, req, progress=progress, cancel=cancel, allow_paths=False)
+            try:
+                result = generate(models, req, progress=progress, cancel=cancel, allow_paths=False,
+                                  keep_partial=keep_partial)
+            except GenerationCancelled as e:
+                if e.partial is not None:
+                    e.partial = encode(e.partial)  # the job keeps the answer, encoded like a whole one
+                raise
             return encode(result)
 
         return self.queue.submit(work, plan.total_steps, kind="generate")

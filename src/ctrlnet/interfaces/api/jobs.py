@@ -60,7 +60,8 @@ class Job:
     """A unit of device work. ``state``: queued -> running -> done | failed | cancelled (a queued job
     can go straight to cancelled). ``step``/``total``: sampling steps done / expected. Times:
     ``*_at`` are ``time.monotonic()``, ``*_wall`` are ``time.time()`` (for clients). ``result``: what
-    ``fn`` returned (done); ``error``: the exception it raised (failed)."""
+    ``fn`` returned (done), or what a cancelled ``fn`` kept of its work (``GenerationCancelled.partial``,
+    else None); ``error``: the exception it raised (failed)."""
 
     fn: Work
     total: int
@@ -285,6 +286,8 @@ class JobQueue:
 
             state = CANCELLED if isinstance(e, GenerationCancelled) else FAILED
             error = None if state == CANCELLED else e
+            if state == CANCELLED:
+                result = e.partial  # what the work kept of a stopped run (None: nothing)
             if error is not None:  # the client gets a short message; the operator the traceback
                 _log.info("job %s (%s) failed", job.id, job.kind, exc_info=error)
         if state == DONE and job.cancel_event.is_set() and job.step < job.total:
@@ -293,7 +296,7 @@ class JobQueue:
             elapsed = self._clock() - job.started_at
             if job.step > 0:  # time spread over the steps done (setup and decode included)
                 self._timing.append((elapsed, job.step))
-            job.result, job.error = (result if state == DONE else None), error
+            job.result, job.error = (result if state in (DONE, CANCELLED) else None), error
             self._running = None
             self._finish(job, state)
             self._update_etas()
