@@ -167,7 +167,10 @@ def test_interrupt_stops_at_the_next_step_and_keeps_finished_batches(holder, tmp
                          progress=progress)
     runs.finish("s1", flag)
     assert seen[-1] == (6, 20) and out.status.startswith("Interrupted after 6 of 20 steps")
-    assert len(out.images) == 1 and out.seeds == [5]
+    # the finished batch is saved; the interrupted one is shown as it stood, unsaved
+    assert len(out.images) == 2 and isinstance(out.images[0], str) and isinstance(out.images[1], np.ndarray)
+    assert out.seeds == [5, 6] and out.status.endswith("The last 1 show the unfinished batch (not saved).")
+    assert len(list(tmp_path.rglob("*.png"))) == 1
     assert not runs.interrupt("s1") and runs.running() == 0
     fresh = runs.start("s1")  # an earlier Interrupt does not stop the next run
     assert not fresh.is_set()

@@ -47,7 +47,7 @@ class RunOutput:
     """What a run shows: saved image files, the control maps of the last batch, the first image's
     seed and infotext, and a status line (how many steps ran, or where it was interrupted)."""
 
-    images: list[str]
+    images: list[str | np.ndarray]  # saved files; an interrupted batch's pictures so far as arrays
     maps: list[np.ndarray]
     seed: int | None
     info: str
@@ -122,7 +122,8 @@ def run_generation(holder: ModelHolder, outputs_dir, mode: str, settings: dict, 
     """Generate ``settings["batch_count"]`` batches, save them, and say what happened.
 
     ``init``/``mask``: arrays or upload paths (img2img, inpaint). ``cancel()`` True stops the run
-    at the next step (batches already finished are kept and shown). ``progress(done, total)``
+    at the next step (batches already finished are kept and shown, and the interrupted batch's
+    pictures so far are shown unsaved, as A1111 does by default). ``progress(done, total)``
     counts steps over all batches. Errors before any work are ``gr.Error`` with a readable message.
     """
     from ctrlnet.annotators.weights import MissingWeightsError
@@ -159,7 +160,7 @@ def run_generation(holder: ModelHolder, outputs_dir, mode: str, settings: dict, 
         for b in range(count):
             r = replace(req, seed=(seed + b * req.num_images) % (MAX_SEED + 1))
             with holder.lock:
-                result = generate(models, r, report(b), cancel=cancel, allow_paths=False)
+                result = generate(models, r, report(b), cancel=cancel, allow_paths=False, keep_partial=True)
             saved = save_result(result, outputs_dir, loaded.base, loaded.controlnets, loaded.dtype_name,
                                 vae=loaded.vae)
             images += [str(p) for p in saved.images]
@@ -168,9 +169,14 @@ def run_generation(holder: ModelHolder, outputs_dir, mode: str, settings: dict, 
             if not info:
                 info = result.parameters_text(Path(loaded.base).name if loaded.base else "demo", 0)
         status = f"Done: {len(images)} image(s), {done['steps']} steps."
-    except GenerationCancelled:
+    except GenerationCancelled as e:
         status = (f"Interrupted after {done['steps']} of {done['total'] or '?'} steps; "
                   f"{len(images)} finished image(s) kept.")
+        if e.partial is not None:  # shown, not saved (A1111's "save incomplete images" is off by default)
+            images += list(e.partial.images)
+            seeds += list(e.partial.seeds)
+            maps = list(e.partial.control_maps)
+            status += f" The last {len(e.partial.images)} show the unfinished batch (not saved)."
     except (ValueError, ImageError, MissingWeightsError, FileNotFoundError, KeyError) as e:
         raise error(e) from None
     return RunOutput(images, maps, seeds[0] if seeds else None, info, status, seeds)
