@@ -144,18 +144,20 @@ def _diffusers(args, folder: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/ctrlnet-sd15", help="where the model files are (written if missing)")
+    ap.add_argument("--dir", default=None, help="where the model files are (written if missing; default "
+                    "/tmp/ctrlnet-sd15, or /tmp/ctrlnet-PRESET for another --preset)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="sd15", help="model size; tiny-sd1 tries the script out in seconds "
-                    "(use another --dir for it)")
+    ap.add_argument("--preset", default="sd15", help="model size; tiny-sd1 tries the script out in seconds")
     ap.add_argument("--sides", nargs="+", default=["ours", "diffusers"], choices=["ours", "diffusers"])
     ap.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.size % 64:
         ap.error("--size must be a multiple of 64")
+    if args.dir is None:  # one folder per preset: files of another size are never picked up by mistake
+        args.dir = "/tmp/ctrlnet-sd15" if args.preset == "sd15" else f"/tmp/ctrlnet-{args.preset}"
     folder = Path(args.dir)
     sys.path.insert(0, str(HERE))
     if args.child:
