@@ -445,6 +445,7 @@ def test_a1111_errors_have_its_shape_and_no_paths(server):
 
 def test_progress_during_a_run_and_interrupt(api, server):
     import httpx
+    from PIL import Image
 
     url = server[1]
     h = {"Authorization": f"Bearer {TOKEN}"}
@@ -466,7 +467,13 @@ def test_progress_during_a_run_and_interrupt(api, server):
                 break
         time.sleep(0.05)
     assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # the step advances while we watch
-    assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 1000 and p["current_image"] is None
+    assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 1000
+    # the live preview: the last step's x0 estimate at latent resolution (128 px / 8), as A1111's
+    # "Approx cheap"; skip_current_image leaves it out as in A1111
+    preview = api.get_progress()["current_image"]
+    assert Image.open(io.BytesIO(base64.b64decode(preview))).size == (16, 16)
+    skipped = httpx.get(url + "/sdapi/v1/progress", headers=h, params={"skip_current_image": "true"}).json()
+    assert skipped["current_image"] is None and skipped["state"]["job"] == "txt2img"
     assert api.interrupt() == {}
     t.join(60)
     assert not t.is_alive()

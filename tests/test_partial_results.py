@@ -93,3 +93,36 @@ def test_a_stop_in_the_hires_pass_answers_at_the_hires_size(models):
     assert high.interrupted_at == 5
     whole = generate(models, replace(req)).images[0]
     assert whole.shape == (128, 128, 3)
+
+
+def test_the_cheap_preview_mixes_channels_with_a1111s_factors():
+    import torch
+
+    from ctrlnet.generation.preview import cheap_preview
+
+    z = torch.zeros(3, 4, 2, 5)
+    z[0, 0] = 1.0  # channel 0 alone -> A1111's first row (0.298, 0.207, 0.208), then (x + 1) / 2
+    z[1, 3] = -1.0  # minus channel 3 -> (0.184, 0.271, 0.473)
+    z[2] = 10.0  # clipped to white where the mix is positive
+    grid = cheap_preview(z.to(torch.bfloat16))
+    assert grid.shape == (4, 10, 3) and grid.dtype == np.uint8  # 3 latents: a 2 x 2 grid, one empty
+    want0 = np.round((1 + np.array([0.298, 0.207, 0.208])) / 2 * 255)
+    want1 = np.round((1 + np.array([0.184, 0.271, 0.473])) / 2 * 255)
+    assert np.abs(grid[0, 0].astype(int) - want0).max() <= 1  # bf16 rounding of the input only
+    assert np.abs(grid[0, 5].astype(int) - want1).max() <= 1
+    mix = 10 * np.array([0.298 + 0.187 - 0.158 - 0.184, 0.207 + 0.286 + 0.189 - 0.271, 0.208 + 0.173 + 0.264 - 0.473])
+    assert np.array_equal(grid[2, 0], np.where(mix > 0, 255, 0))
+    assert not grid[2:, 5:].any()
+    with pytest.raises(ValueError, match="4, h, w"):
+        cheap_preview(torch.zeros(1, 16, 4, 4))
+
+
+def test_the_preview_hook_sees_every_steps_x0_estimate(models):
+    seen = []
+    req = _req(num_images=2)
+    whole = generate(models, req, preview=lambda x0: seen.append(x0.clone()))
+    assert len(seen) == req.steps and all(x.shape == (2, 4, 8, 8) for x in seen)
+    # the last estimate of an Euler run is the final latent: decoded, it is the image
+    from ctrlnet.generation.latents import decode_images
+
+    assert np.abs(decode_images(models, seen[-1])[1].astype(int) - whole.images[1]).max() <= 1

@@ -50,8 +50,10 @@ class _Steps:
     """Progress over all passes, and the cancel check, as one sampler callback factory. Keeps the
     last step's ``denoised`` (the model's x0 estimate, latent scale) for a partial answer."""
 
-    def __init__(self, total: int, progress: Progress | None, cancel: Callable[[], bool] | None):
+    def __init__(self, total: int, progress: Progress | None, cancel: Callable[[], bool] | None,
+                 preview: Callable[[torch.Tensor], None] | None = None):
         self.total, self.done, self.progress, self.cancel = max(1, total), 0, progress, cancel
+        self.preview = preview
         self.last_denoised: torch.Tensor | None = None
         self.maps: list[np.ndarray] = []  # the running pass's control maps
 
@@ -63,6 +65,8 @@ class _Steps:
         def cb(info: dict) -> None:
             self.done += 1
             self.last_denoised = info.get("denoised")
+            if self.preview is not None and self.last_denoised is not None:
+                self.preview(self.last_denoised)
             if extra is not None:
                 extra(info)
             if self.progress is not None:
@@ -208,14 +212,18 @@ def _upscale(models: Models, latents: torch.Tensor, size: tuple[int, int], upsca
 
 def generate(models: Models, request: GenerationRequest, progress: Progress | None = None,
              cancel: Callable[[], bool] | None = None, allow_paths: bool = True,
-             timings: dict[str, float] | None = None, keep_partial: bool = False) -> GenerationResult:
+             timings: dict[str, float] | None = None, keep_partial: bool = False,
+             preview: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
     """Generate ``request.num_images`` images (see :class:`GenerationRequest` for every option).
 
     ``progress(done, total)`` is called after every sampling step of every pass; ``cancel()`` is
     polled there too and a True stops the run with :class:`GenerationCancelled`; with
     ``keep_partial`` that exception carries the images so far in ``partial``: the last finished
     step's x0 estimate decoded (and composited for inpainting), as A1111 answers an interrupted
-    request (its samplers return the last ``denoised`` on interrupt). Raises ValueError
+    request (its samplers return the last ``denoised`` on interrupt). ``preview(x0)``: called
+    after every step with that step's x0 estimate, (B, C, h, w) latents in the UNet's scale, for
+    live previews (:func:`ctrlnet.generation.preview.cheap_preview`); keep it, never modify it.
+    Raises ValueError
     or :class:`~ctrlnet.image.ImageError` naming the cause before any model runs. LoRAs (the
     request's and the prompt's ``<lora:NAME:W>`` tags) are merged for this call only and the
     weights restored exactly after it. ``allow_paths=False`` for untrusted requests: LoRAs by name
@@ -225,7 +233,7 @@ def generate(models: Models, request: GenerationRequest, progress: Progress | No
     """
     plan = make_plan(models, request, allow_paths)
     req = plan.request
-    steps = _Steps(plan.total_steps, progress, cancel)
+    steps = _Steps(plan.total_steps, progress, cancel, preview)
     noise = ImageNoise(plan.seeds, req.noise_device)
 
     init = req.init_image  # (H, W, 3) uint8, the original size

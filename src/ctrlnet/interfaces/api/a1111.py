@@ -206,10 +206,21 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         return await run(request, "img2img")
 
     @r.get("/sdapi/v1/progress", responses=_errors(401))
-    def progress() -> dict:
-        """The running job's progress (any job of this server, /v1 ones included); current_image is null."""
+    def progress(skip_current_image: bool = False) -> dict:
+        """The running job's progress (any job of this server, /v1 ones included). ``current_image``:
+        a live preview of the last step's x0 estimate (A1111's "Approx cheap": latent resolution,
+        the batch as a grid, base64 PNG), null before the first step or with ``skip_current_image``."""
         job = ctx.queue.current()
-        return _progress_state(job, labels.get(job.id) if job is not None else None)
+        out = _progress_state(job, labels.get(job.id) if job is not None else None)
+        x0 = job.preview if job is not None else None
+        if x0 is not None and not skip_current_image:
+            from ctrlnet.generation.preview import cheap_preview
+
+            try:
+                out["current_image"] = codec.png_b64(cheap_preview(x0))
+            except ValueError:  # latents without preview factors (not 4 channels): no preview
+                pass
+        return out
 
     @r.post("/sdapi/v1/interrupt", responses=_errors(401))
     def interrupt() -> dict:

@@ -83,24 +83,31 @@ class ServiceContext:
         """Check ``req`` (see :meth:`check`) and queue its generation; the job's result is
         ``encode(result)`` (run on the worker, so PNG encoding does not block the event loop).
         ``keep_partial``: a cancelled job keeps ``encode(images so far)`` as its result (A1111's
-        interrupt answers with them). Raises HTTPException 422 before queueing, and ``QueueFull``
+        interrupt answers with them). While it runs, ``job.preview`` holds the last step's x0
+        estimate (for live previews). Raises HTTPException 422 before queueing, and ``QueueFull``
         (429) when busy."""
         from ctrlnet.generation.run import GenerationCancelled, generate
 
         plan = plan or self.check(req)
         models = self.models
+        holder: dict[str, Job] = {}  # the job, once queued (the worker may start it before submit returns)
+
+        def keep_preview(x0):
+            if "job" in holder:
+                holder["job"].preview = x0
 
         def work(progress, cancel):
             try:
                 result = generate(models, req, progress=progress, cancel=cancel, allow_paths=False,
-                                  keep_partial=keep_partial)
+                                  keep_partial=keep_partial, preview=keep_preview)
             except GenerationCancelled as e:
                 if e.partial is not None:
                     e.partial = encode(e.partial)  # the job keeps the answer, encoded like a whole one
                 raise
             return encode(result)
 
-        return self.queue.submit(work, plan.total_steps, kind="generate")
+        holder["job"] = job = self.queue.submit(work, plan.total_steps, kind="generate")
+        return job
 
     def image_chunks(self, result, k: int) -> dict[str, str]:
         """PNG text chunks for image ``k`` of a result: A1111 ``parameters`` and our ``ctrlnet`` record."""

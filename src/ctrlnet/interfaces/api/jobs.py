@@ -78,6 +78,7 @@ class Job:
     eta_s: float | None = None
     result: Any = None
     error: BaseException | None = None
+    preview: Any = None  # the work's latest live-preview source (a generation's x0 estimate), set as it runs
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
     _listeners: list = field(default_factory=list, repr=False)
