@@ -33,8 +33,9 @@ class GenerationResult:
         """The request that makes image ``k`` alone (its own seed, one image)."""
         return replace(self.request, seed=self.seeds[k], num_images=1)
 
-    def parameters_text(self, model_name: str = "", k: int = 0) -> str:
-        """An A1111-style ``parameters`` string for image ``k``: prompt, negative prompt, settings."""
+    def parameters_text(self, model_name: str = "", k: int = 0, model_hash: str = "") -> str:
+        """An A1111-style ``parameters`` string for image ``k``: prompt, negative prompt, settings
+        (``Model hash: ..., Model: ...`` when given, in A1111's order)."""
         r = self.request
         h, w = self.images[k].shape[:2]
         prompt = r.prompt + (f", {r.added_prompt}" if r.added_prompt else "")
@@ -44,6 +45,8 @@ class GenerationResult:
                     f"CFG scale: {r.guidance_scale}", f"Seed: {self.seeds[k]}", f"Size: {w}x{h}"]
         if r.eta is not None:
             settings.append(f"Eta: {r.eta}")
+        if model_hash:
+            settings.append(f"Model hash: {model_hash}")
         if model_name:
             settings.append(f"Model: {model_name}")
         if r.init_image is not None:

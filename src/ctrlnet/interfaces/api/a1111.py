@@ -54,15 +54,22 @@ def _errors(*codes: int) -> dict:
 
 
 def short_hash(label: str) -> str:
-    """An 8-hex-digit id for a model, from its public name (A1111 hashes the file; this server shows
-    no files, and the id only has to be stable and distinct)."""
+    """An 8-hex-digit id for a model that has no file to hash (a folder, the embedded or a random
+    model), from its public name: stable and distinct."""
     return hashlib.sha256(label.encode()).hexdigest()[:8]
 
 
+def base_short_hash(ctx: ServiceContext) -> str:
+    """The checkpoint's id in titles and infotexts: A1111's short hash (the file's SHA-256, 10
+    digits), or the name-derived id when it was not loaded from one file."""
+    return ctx.base_sha256[:10] if ctx.base_sha256 else short_hash(ctx.base_label)
+
+
 def catalog_for(ctx: ServiceContext) -> Catalog:
-    base = ctx.base_label
-    return Catalog(f"{base} [{short_hash(base)}]",
-                   {k: f"{k} [{short_hash(label)}]" for k, label in ctx.nets_label.items()})
+    """Titles as A1111 and sd-webui-controlnet show them: "name [short sha256]" for the checkpoint,
+    "name [legacy hash]" for ControlNets."""
+    return Catalog(f"{ctx.base_label} [{base_short_hash(ctx)}]",
+                   {k: f"{k} [{ctx.nets_hash.get(k) or short_hash(label)}]" for k, label in ctx.nets_label.items()})
 
 
 def _error(status: int, detail: str, kind: str = "HTTPException", headers=None) -> JSONResponse:
@@ -206,10 +213,13 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         return await run(request, "img2img")
 
     @r.get("/sdapi/v1/progress", responses=_errors(401))
-    def progress(skip_current_image: bool = False) -> dict:
+    def progress(request: Request) -> dict:
         """The running job's progress (any job of this server, /v1 ones included). ``current_image``:
         a live preview of the last step's x0 estimate (A1111's "Approx cheap": latent resolution,
-        the batch as a grid, base64 PNG), null before the first step or with ``skip_current_image``."""
+        the batch as a grid, base64 PNG), null before the first step or with
+        ``?skip_current_image=true`` (read by hand like ``alias_names``: a malformed flag means no)."""
+        flag = request.query_params.get("skip_current_image", "").lower()
+        skip_current_image = flag in ("1", "true", "yes", "on")
         job = ctx.queue.current()
         out = _progress_state(job, labels.get(job.id) if job is not None else None)
         x0 = job.preview if job is not None else None
@@ -266,11 +276,11 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         cat = catalog_for(ctx)
         name = ctx.base_label
         return [{"title": cat.base_title, "model_name": name.rsplit(".", 1)[0] if "." in name else name,
-                 "hash": short_hash(name), "sha256": None, "filename": name, "config": None}]
+                 "hash": base_short_hash(ctx), "sha256": ctx.base_sha256, "filename": name, "config": None}]
 
     @r.get("/sdapi/v1/options", responses=_errors(401))
     def options() -> dict:
-        return {"sd_model_checkpoint": catalog_for(ctx).base_title, "sd_checkpoint_hash": None,
+        return {"sd_model_checkpoint": catalog_for(ctx).base_title, "sd_checkpoint_hash": ctx.base_sha256,
                 "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "samples_format": "png",
                 "eta_noise_seed_delta": 0, "control_net_unit_count": lim.max_controls,
                 "control_net_no_detectmap": False}

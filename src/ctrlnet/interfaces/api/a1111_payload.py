@@ -445,7 +445,9 @@ def response(result, t: Translated, catalog: Catalog, png_b64: Callable, version
     ``ctrlnet_interrupted`` and ``ctrlnet_interrupted_at_step``)."""
     r = result.request
     model = _bare(catalog.base_title)
-    texts = [result.parameters_text(catalog.base_title.split(" [", 1)[0], k) for k in range(len(result.images))]
+    model_hash = catalog.base_title.split(" [", 1)[-1].rstrip("]") if " [" in catalog.base_title else ""
+    texts = [result.parameters_text(catalog.base_title.split(" [", 1)[0], k, model_hash)
+             for k in range(len(result.images))]
     images = []
     if t.send_images:
         images = [png_b64(im, {"parameters": texts[k]}) for k, im in enumerate(result.images)]
@@ -460,8 +462,7 @@ def response(result, t: Translated, catalog: Catalog, png_b64: Callable, version
             "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0, "width": w, "height": h,
             "sampler_name": a1111_name(r.sampler, r.schedule), "cfg_scale": r.guidance_scale, "steps": r.steps,
             "batch_size": t.echo.get("batch_size") or 1, "restore_faces": False, "face_restoration_model": None,
-            "sd_model_name": model, "sd_model_hash": catalog.base_title.split(" [", 1)[-1].rstrip("]")
-            if " [" in catalog.base_title else None, "sd_vae_name": None, "sd_vae_hash": None,
+            "sd_model_name": model, "sd_model_hash": model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": r.denoising_strength if r.init_image is not None else
             (r.hires_denoising_strength if r.hires_scale > 1 else None),

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import secrets
 import time
 
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from ctrlnet.checkpoints.hashes import file_sha256, legacy_hash
 from ctrlnet.interfaces.api.context import ServiceContext, public_name
 from ctrlnet.interfaces.api.errors import scrub_paths
 from ctrlnet.interfaces.api.jobs import JobQueue, QueueFull
@@ -127,6 +129,18 @@ def token_matches(header: str, token: str) -> bool:
     return False
 
 
+def _file_hash(spec, fn) -> str | None:
+    """``fn(spec)`` for a model loaded from a single file; None for folders, embedded and random
+    models, and files that can no longer be read (they keep name-derived ids)."""
+    if spec is None or not os.path.isfile(str(spec)):
+        return None
+    try:
+        return fn(spec)
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not hash %s: %s", public_name(spec), e)
+        return None
+
+
 def create_app(models, limits: Limits | None = None, token: str | None = None, base_name: str | None = None,
                controlnet_names: dict[str, str] | None = None) -> FastAPI:
     """The service over loaded models (a ``Models`` or a ``LoadedModels`` from ``model_args``).
@@ -160,11 +174,15 @@ def create_app(models, limits: Limits | None = None, token: str | None = None, b
             if not token_matches(request.headers.get("authorization", ""), token):
                 raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
+    base_spec = base_name if base_name is not None else models.base.source
+    net_specs = {k: (controlnet_names or {}).get(k, k) for k in models.controlnets}
     ctx = ServiceContext(
         models=models, limits=limits, queue=queue, auth=auth,
-        base_label=public_name(base_name if base_name is not None else models.base.source),
-        nets_label={k: public_name((controlnet_names or {}).get(k, k)) for k in models.controlnets},
-        dtype_label=str(models.dtype).replace("torch.", ""))
+        base_label=public_name(base_spec),
+        nets_label={k: public_name(spec) for k, spec in net_specs.items()},
+        dtype_label=str(models.dtype).replace("torch.", ""),
+        base_sha256=_file_hash(base_spec, file_sha256),
+        nets_hash={k: h for k, spec in net_specs.items() if (h := _file_hash(spec, legacy_hash))})
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

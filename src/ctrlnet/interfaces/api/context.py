@@ -4,7 +4,7 @@ dependency and the public names of the models; plus the service-level steps all 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,9 @@ class ServiceContext:
     """``models``: the loaded :class:`~ctrlnet.generation.bundle.Models`; ``auth``: a FastAPI
     dependency (raises 401 without the bearer token when one is set); ``base_label`` and
     ``nets_label`` (ControlNet key -> public name): model names safe to show clients;
-    ``dtype_label``: "float32", "float16"..."""
+    ``dtype_label``: "float32", "float16"...; ``base_sha256``: the checkpoint file's SHA-256 and
+    ``nets_hash``: ControlNet key -> A1111's legacy 8-digit file hash, for models loaded from
+    single files (A1111 clients know models by these; see :mod:`ctrlnet.checkpoints.hashes`)."""
 
     models: object
     limits: Limits
@@ -38,6 +40,8 @@ class ServiceContext:
     base_label: str
     nets_label: dict[str, str]
     dtype_label: str
+    base_sha256: str | None = None
+    nets_hash: dict[str, str] = field(default_factory=dict)
 
     def check(self, req: GenerationRequest):
         """Check ``req`` against the limits and the loaded models and plan it (nothing heavy runs).
