@@ -522,7 +522,9 @@ def test_webuiapi_hires_fix_and_model_selection(api, server):
 
     res = api.txt2img(prompt="big", seed=9, steps=3, width=64, height=64, enable_hr=True, hr_scale=2,
                       hr_second_pass_steps=2, denoising_strength=0.5, hr_upscaler="Latent", alwayson_scripts={})
-    assert res.images[0].size == (128, 128) and res.info["width"] == 128
+    # A1111's info and infotext keep the first pass's size (p.width/p.height); the upscale is separate
+    assert res.images[0].size == (128, 128) and res.info["width"] == 64
+    assert "Size: 64x64" in res.images[0].info["parameters"]
     assert "Hires upscale: 2.0" in res.images[0].info["parameters"]
     api.util_set_model("random:tiny-sd1")  # POST /sdapi/v1/options with the loaded model: accepted
     r = httpx.post(server[1] + "/sdapi/v1/options", auth=("u", TOKEN), json={"sd_model_checkpoint": "sdxl.safetensors"})

@@ -387,6 +387,14 @@ def test_hires_fix_upscales_and_refits_every_unit(models, upscaler):
         want = decode_images(models, encode_images(models, [big]))[0]
     assert np.abs(zero.astype(int) - want).max() <= 1
     assert np.abs(res.images[0].astype(int) - zero).mean() > 1  # strength 0.5 does change it
+    # the record says what A1111 says: Size is the first pass, the upscale is separate, so reading
+    # it back (PNG info -> txt2img) asks for the same 128 px picture, not a 256 px one
+    from ctrlnet.generation.infotext import parse_parameters
+
+    text = res.parameters_text()
+    assert "Size: 64x64" in text and "Hires upscale: 2.0" in text
+    fields, _ = parse_parameters(text)
+    assert (fields["width"], fields["height"], fields["hires_scale"]) == (64, 64, 2.0)
 
 
 def test_tiled_denoiser_equals_the_whole_for_a_local_model():

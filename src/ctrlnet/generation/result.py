@@ -16,7 +16,9 @@ class GenerationResult:
     """``images``: (H, W, 3) uint8 each; ``control_maps``: the maps used, (H, W, C) uint8, one per unit
     (at the last pass's size); ``seed``: the batch's seed (image k used ``seeds[k]``);
     ``request``: the request with the seed and prompts actually used; ``interrupted_at``: for the
-    partial answer of a cancelled run, the steps finished (over all passes) when it stopped."""
+    partial answer of a cancelled run, the steps finished (over all passes) when it stopped;
+    ``size``: (H, W) of the first pass, the ``Size`` A1111 records (the images are larger after a
+    hires pass, and have the original's size after only-masked inpainting); None: the images'."""
 
     images: list[np.ndarray]
     control_maps: list[np.ndarray]
@@ -24,6 +26,7 @@ class GenerationResult:
     request: GenerationRequest
     seeds: list[int] = field(default_factory=list)
     interrupted_at: int | None = None
+    size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if not self.seeds:
@@ -37,7 +40,7 @@ class GenerationResult:
         """An A1111-style ``parameters`` string for image ``k``: prompt, negative prompt, settings
         (``Model hash: ..., Model: ...`` when given, in A1111's order)."""
         r = self.request
-        h, w = self.images[k].shape[:2]
+        h, w = self.size or self.images[k].shape[:2]
         prompt = r.prompt + (f", {r.added_prompt}" if r.added_prompt else "")
         from ctrlnet.sampling.names import a1111_name
 

@@ -285,7 +285,7 @@ def _generate(models, plan, steps, noise, init, source, start, mask, full_mask, 
         with _timed(timings, "decode", dev):
             images = _decode(models, plan, latents, mask is not None)
     images = _finish(plan, images, init, start, mask, full_mask)
-    return GenerationResult(images, maps, req.seed, req, list(plan.seeds))
+    return GenerationResult(images, maps, req.seed, req, list(plan.seeds), size=plan.size)
 
 
 def _decode(models: Models, plan: Plan, latents: torch.Tensor, as_float: bool) -> list[np.ndarray]:
@@ -316,4 +316,4 @@ def _partial(models, plan, steps, init, start, mask, full_mask) -> GenerationRes
         mask = None  # a hires-pass estimate: nothing at this size to composite with
     images = _finish(plan, images, init, start, mask, full_mask)
     return GenerationResult(images, list(steps.maps), req.seed, req, list(plan.seeds),
-                            interrupted_at=steps.done)
+                            interrupted_at=steps.done, size=plan.size)

@@ -452,7 +452,7 @@ def response(result, t: Translated, catalog: Catalog, png_b64: Callable, version
     if t.send_images:
         images = [png_b64(im, {"parameters": texts[k]}) for k, im in enumerate(result.images)]
         images += [png_b64(m) for m, keep in zip(result.control_maps, t.append_maps) if keep]
-    h, w = (result.images[0].shape[:2] if result.images else (r.height, r.width))
+    h, w = result.size or (result.images[0].shape[:2] if result.images else (r.height, r.width))  # first pass
     prompt = r.prompt + (f", {r.added_prompt}" if r.added_prompt else "")
     from ctrlnet.sampling.names import a1111_name
 
