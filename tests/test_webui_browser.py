@@ -348,6 +348,15 @@ def test_interrupt_stops_a_long_run(page):
     _number(page, "txt2img-batch-count", 100)  # 15000 steps: minutes of work
     page.locator("#txt2img-generate").click()
     page.wait_for_function("() => /\\d+\\/15k steps/.test(document.body.innerText)", timeout=RUN_TIMEOUT)  # running
+    # the live preview: the last x0 estimate at latent size (64 px / 8), refreshed while it runs
+    live = page.locator("#txt2img-live-preview img")
+    live.wait_for(state="visible", timeout=RUN_TIMEOUT)
+    page.wait_for_function("() => document.querySelector('#txt2img-live-preview img').naturalWidth > 0",
+                           timeout=30_000)
+    assert live.evaluate("e => [e.naturalWidth, e.naturalHeight]") == [8, 8]
+    first = live.get_attribute("src")
+    page.wait_for_function("(src) => { const i = document.querySelector('#txt2img-live-preview img');"
+                           " return i && i.src !== src; }", arg=first, timeout=60_000)
     page.locator("#txt2img-interrupt").click()
     page.wait_for_function("() => document.querySelector('#txt2img-status').innerText.includes('Interrupted')",
                            timeout=60_000)
@@ -355,6 +364,8 @@ def test_interrupt_stops_a_long_run(page):
     done = int(status.split("Interrupted after ")[1].split(" of ")[0])
     print(status)
     assert " of 15000 steps" in status and 0 < done < 15000
+    assert "unfinished batch (not saved)" in status and _gallery_srcs(page, "txt2img")  # the picture so far
+    assert page.locator("#txt2img-live-preview").is_hidden()
     # the app is usable again: a short run goes through
     _number(page, "txt2img-steps", 2)
     _number(page, "txt2img-batch-count", 1)

@@ -11,13 +11,16 @@ their settings, and stops at the next step when the session's Interrupt flag is 
 
 from __future__ import annotations
 
+import contextvars
 import random
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
+from ctrlnet.generation.preview import cheap_preview
 from ctrlnet.generation.request import MAX_SEED
 from ctrlnet.interfaces.webui.messages import error, read_upload
 from ctrlnet.interfaces.webui.models import ModelHolder
@@ -31,6 +34,7 @@ INPAINT_FILLS = [("original", "original"), ("fill", "fill"), ("latent noise", "l
 UPSCALERS = [("Latent", "latent"), ("Lanczos", "lanczos")]
 # UI bounds (A1111's slider ranges); generate() checks its own limits again
 MAX_BATCH_SIZE, MAX_BATCH_COUNT, MAX_STEPS, MAX_SIDE = 8, 100, 150, 2048
+PREVIEW_EVERY_S = 0.5  # how often a run's live preview is refreshed (A1111 polls about every 0.5-1 s)
 
 # request fields each mode takes from its widgets (the rest keep the request's defaults)
 _COMMON = ("prompt", "added_prompt", "negative_prompt", "width", "height", "steps", "sampler", "schedule", "guidance_scale",
@@ -118,13 +122,14 @@ def build_requests(mode: str, settings: dict, units: list[UnitValues], init=None
 
 
 def run_generation(holder: ModelHolder, outputs_dir, mode: str, settings: dict, units: list[UnitValues],
-                   init=None, mask=None, cancel=None, progress=None) -> RunOutput:
+                   init=None, mask=None, cancel=None, progress=None, preview=None) -> RunOutput:
     """Generate ``settings["batch_count"]`` batches, save them, and say what happened.
 
     ``init``/``mask``: arrays or upload paths (img2img, inpaint). ``cancel()`` True stops the run
     at the next step (batches already finished are kept and shown, and the interrupted batch's
     pictures so far are shown unsaved, as A1111 does by default). ``progress(done, total)``
-    counts steps over all batches. Errors before any work are ``gr.Error`` with a readable message.
+    counts steps over all batches; ``preview(x0)`` gets every step's x0 estimate (``generate``'s
+    live-preview hook). Errors before any work are ``gr.Error`` with a readable message.
     """
     from ctrlnet.annotators.weights import MissingWeightsError
     from ctrlnet.generation.run import GenerationCancelled, generate
@@ -160,7 +165,8 @@ def run_generation(holder: ModelHolder, outputs_dir, mode: str, settings: dict, 
         for b in range(count):
             r = replace(req, seed=(seed + b * req.num_images) % (MAX_SEED + 1))
             with holder.lock:
-                result = generate(models, r, report(b), cancel=cancel, allow_paths=False, keep_partial=True)
+                result = generate(models, r, report(b), cancel=cancel, allow_paths=False, keep_partial=True,
+                                  preview=preview)
             saved = save_result(result, outputs_dir, loaded.base, loaded.controlnets, loaded.dtype_name,
                                 vae=loaded.vae)
             images += [str(p) for p in saved.images]
@@ -277,6 +283,9 @@ class GenerateTab:
                                                              "original ControlNet apps do)")
                     self.units = [UnitBlock(m, i, net_names) for i in range(n_units)]
                 with gr.Column():
+                    # the running batch's last x0 estimate (A1111's "Approx cheap" live preview)
+                    self.live = gr.Image(label="Live preview", type="numpy", format="png", interactive=False,
+                                         visible=False, height=256, elem_id=f"{m}-live-preview")
                     self.gallery = gr.Gallery(label="Output", columns=2, format="png", elem_id=f"{m}-gallery",
                                               height=420)
                     self.status = gr.Markdown("", elem_id=f"{m}-status")
@@ -316,15 +325,36 @@ class GenerateTab:
             def report(done, total):
                 progress((done, total), desc="sampling", unit="steps")
 
-            try:
-                out = run_generation(self.holder, self.outputs_dir, self.mode, settings, units, init, mask,
-                                     cancel=flag.is_set, progress=report)
-            finally:
-                self.runs.finish(session, flag)
-            return out.images, out.maps, out.seed, out.info, out.status
+            latest: dict = {}
+
+            def run():
+                try:
+                    latest["out"] = run_generation(self.holder, self.outputs_dir, self.mode, settings, units, init,
+                                                   mask, cancel=flag.is_set, progress=report,
+                                                   preview=lambda x0: latest.__setitem__("x0", x0))
+                except BaseException as e:  # noqa: BLE001 - raised again in the event's own thread
+                    latest["error"] = e
+                finally:
+                    self.runs.finish(session, flag)
+
+            # the run goes on in a thread (with this event's context, so the progress bar follows it)
+            # while this generator shows each new estimate, polled at most every half second
+            worker = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True)
+            worker.start()
+            shown = None
+            while worker.is_alive():
+                worker.join(PREVIEW_EVERY_S)
+                x0 = latest.get("x0")
+                if x0 is not None and x0 is not shown and worker.is_alive() and x0.shape[1] == 4:
+                    shown = x0  # (latents of other widths have no cheap-preview factors)
+                    yield (gr.skip(),) * 5 + (gr.update(value=cheap_preview(x0), visible=True),)
+            if "error" in latest:
+                raise latest["error"]
+            out = latest["out"]
+            yield out.images, out.maps, out.seed, out.info, out.status, gr.update(value=None, visible=False)
 
         self.generate_btn.click(on_generate, self.inputs(), [self.gallery, self.maps, self.last_seed, self.info,
-                                                             self.status],
+                                                             self.status, self.live],
                                 api_name=self.mode, concurrency_limit=1, concurrency_id="device")
 
         def on_interrupt(request: gr.Request):
