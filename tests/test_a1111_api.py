@@ -54,6 +54,18 @@ def test_control_modes_by_int_and_name(value, mode):
     assert c.control_mode is ControlMode(mode)
 
 
+@pytest.mark.parametrize("value,opt", [(0, "both"), (1, "low_res_only"), (2, "high_res_only"), ("Both", "both"),
+                                       ("Low res only", "low_res_only"), ("High res only", "high_res_only")])
+def test_hr_options_by_int_and_name(value, opt):
+    t = _t2i([_unit(hr_option=value)], enable_hr=True, hr_scale=2)
+    assert t.request.controls[0].hr_option.value == opt and not any("hr_option" in k for k in t.ignored)
+
+
+def test_bad_hr_option_is_refused():
+    with pytest.raises(ValueError, match="hr_option='Sometimes' is unknown; choose one of: both, low res only"):
+        _t2i([_unit(hr_option="Sometimes")])
+
+
 def test_legacy_guessmode_is_controlnet_mode_and_bad_mode_is_refused():
     assert _t2i([_unit(guessmode=True)]).request.controls[0].control_mode is ControlMode.CONTROLNET
     with pytest.raises(ValueError, match="control_mode"):

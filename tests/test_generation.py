@@ -397,6 +397,44 @@ def test_hires_fix_upscales_and_refits_every_unit(models, upscaler):
     assert (fields["width"], fields["height"], fields["hires_scale"]) == (64, 64, 2.0)
 
 
+def test_hr_option_puts_a_unit_in_one_pass_of_the_hires_fix(models, monkeypatch):
+    import ctrlnet.generation.run as run
+
+    ring = ControlSpec(_ring(48, 64))
+    req = _req(width=64, height=64, steps=4, hires_scale=2.0, hires_steps=6, hires_denoising_strength=0.9)
+    out = {}
+    for opt in ("both", "low_res_only", "high_res_only", None):
+        units = [] if opt is None else [replace(ring, hr_option=opt)]
+        # strength 0: the output is the first pass, upscaled (the hires pass changes nothing)
+        out[opt, 0] = generate(models, replace(req, controls=units, hires_denoising_strength=0.0)).images[0]
+        out[opt] = generate(models, replace(req, controls=units))
+    assert np.array_equal(out["low_res_only", 0], out["both", 0])  # the first pass has the unit
+    assert np.array_equal(out["high_res_only", 0], out[None, 0])  # the first pass has none
+    assert _mean_diff(out["both", 0], out[None, 0]) > 1  # (the unit does change a pass)
+    assert _mean_diff(out["low_res_only"].images[0], out["both"].images[0]) > 1  # measured 2.1
+    assert _mean_diff(out["high_res_only"].images[0], out[None].images[0]) > 1  # measured 2.1
+    # which pass builds a ControlNet input for the unit (every pass still shows its map)
+    seen = []
+    real = run.control_input
+    monkeypatch.setattr(run, "control_input", lambda m, net, spec, cmap, *a: seen.append(cmap.shape[:2]) or
+                        real(m, net, spec, cmap, *a))
+    for opt, want in (("both", [(64, 64), (128, 128)]), ("low_res_only", [(64, 64)]),
+                      ("high_res_only", [(128, 128)])):
+        seen.clear()
+        res = generate(models, replace(req, steps=1, hires_steps=1, hires_denoising_strength=1.0,
+                                       controls=[replace(ring, hr_option=opt)]))
+        assert seen == want, opt
+        assert res.control_maps[0].shape[:2] == (128, 128)
+        assert f"Hr Option: {dict(both='Both', low_res_only='Low res only', high_res_only='High res only')[opt]}" \
+            in res.parameters_text()
+    with pytest.raises(ValueError, match="hr_option='low'.*low_res_only"):
+        ControlSpec(hr_option="low")
+
+
+def _mean_diff(a, b) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
 def test_tiled_denoiser_equals_the_whole_for_a_local_model():
     from ctrlnet.sampling.denoiser import TiledDenoiser
 

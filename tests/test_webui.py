@@ -126,6 +126,9 @@ def test_run_generation_is_generate_with_two_units_and_batches(models, holder, t
     rec = json.loads(Image.open(out.images[0]).info["ctrlnet"])
     assert rec["request"]["seed"] == 5 and rec["request"]["controls"][1]["control_mode"] == "controlnet"
     assert "ControlNet 1: \"Module: none, Model: scribble_net, Weight: 0.8" in out.info and "Seed: 5" in out.info
+    # the txt2img unit's hires-fix option reaches the unit
+    low = UnitValues(True, a, "none", model="canny_edges", hr_option="low_res_only").spec(0)
+    assert low.hr_option.value == "low_res_only" and UnitValues(True, a).spec(0).hr_option.value == "both"
 
 
 def test_run_generation_errors_are_readable(holder, tmp_path):
@@ -273,7 +276,8 @@ def test_infotext_parsing_reads_a1111_and_our_own():
             'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.9, '
             'Resize Mode: Resize and Fill, Low Vram: False, Processor Res: 512, Threshold A: 100, '
             'Threshold B: 200, Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: True, '
-            'Control Mode: My prompt is more important", Face restoration: CodeFormer, Version: v1.9.0')
+            'Control Mode: My prompt is more important, Hr Option: Low res only", Face restoration: CodeFormer, '
+            'Version: v1.9.0')
     d, notes = parse_parameters(text)
     assert d["prompt"] == "a cat, (fluffy:1.2)\nsitting" and d["negative_prompt"] == "blurry, ugly"
     assert (d["steps"], d["sampler"], d["schedule"], d["guidance_scale"], d["seed"]) == (28, "DPM++ 2M", "Karras",
@@ -281,14 +285,15 @@ def test_infotext_parsing_reads_a1111_and_our_own():
     assert (d["width"], d["height"], d["denoising_strength"], d["clip_skip"]) == (512, 768, 0.55, 2)
     assert d["controls"] == [{"annotator": "canny", "model": "control_v11p_sd15_canny", "strength": 0.9,
                               "resize_mode": "resize_and_fill", "detect_resolution": 512, "start": 0.1, "end": 0.8,
-                              "pixel_perfect": True, "control_mode": "prompt"}]
+                              "pixel_perfect": True, "control_mode": "prompt", "hr_option": "low_res_only"}]
     assert notes == ["Face restoration has no equivalent here and is ignored"]
     assert request_from_dict(d).controls[0].pixel_perfect  # what the parser gives, the request reader takes
     # our own writer's text reads back to the same settings
     req = GenerationRequest(prompt="x", added_prompt="", negative_prompt="n", width=64, height=96, steps=7,
                             sampler="euler_a", schedule="karras", guidance_scale=4.0, seed=99,
                             controls=[ControlSpec(model="m", annotator="canny", strength=0.5, end=0.5,
-                                                  control_mode="controlnet", resize_mode="just_resize")])
+                                                  control_mode="controlnet", resize_mode="just_resize",
+                                                  hr_option="high_res_only")])
     res = GenerationResult([np.zeros((96, 64, 3), np.uint8)], [], 99, req)
     back, notes = parse_parameters(res.parameters_text("demo"))
     r = request_from_dict(back)
@@ -297,8 +302,8 @@ def test_infotext_parsing_reads_a1111_and_our_own():
 
     assert resolve_sampler(r.sampler, r.schedule) == ("euler_a", "karras")
     c = r.controls[0]
-    assert (c.model, c.annotator, c.strength, c.end, c.control_mode.value, c.resize_mode.value) == (
-        "m", "canny", 0.5, 0.5, "controlnet", "just_resize")
+    assert (c.model, c.annotator, c.strength, c.end, c.control_mode.value, c.resize_mode.value, c.hr_option.value) == (
+        "m", "canny", 0.5, 0.5, "controlnet", "just_resize", "high_res_only")
     with pytest.raises(ValueError, match="no settings line"):
         parse_parameters("just a prompt")
     with pytest.raises(ValueError, match="Seed: 'x'"):

@@ -107,7 +107,13 @@ def _control(text: str, index: int, notes: list[str]) -> dict:
             if mode is None:
                 notes.append(f"ControlNet {index}: resize mode {v!r} is unknown; crop and resize is used")
             c["resize_mode"] = mode or "crop_and_resize"
-        elif key not in ("low vram", "threshold a", "threshold b", "save detected map", "hr option"):
+        elif key == "hr option":
+            opt = v.strip().lower().replace(" ", "_")
+            if opt not in ("both", "low_res_only", "high_res_only"):
+                notes.append(f"ControlNet {index}: Hr Option {v!r} is unknown; both passes are used")
+                opt = "both"
+            c["hr_option"] = opt
+        elif key not in ("low vram", "threshold a", "threshold b", "save detected map"):
             notes.append(f"ControlNet {index}: {k} has no equivalent here and is ignored")
     return c
 

@@ -52,6 +52,20 @@ class ResizeMode(str, Enum):
     RESIZE_AND_FILL = "resize_and_fill"
 
 
+class HiresOption(str, Enum):
+    """In which pass of a hires fix a unit acts (sd-webui-controlnet's ``HiResFixOption`` and
+    ``disabled_by_hr_option``): ``both``; ``low_res_only``: the first pass; ``high_res_only``: the
+    hires pass (so without a hires fix such a unit does nothing, as there)."""
+
+    BOTH = "both"
+    LOW_RES_ONLY = "low_res_only"
+    HIGH_RES_ONLY = "high_res_only"
+
+    def acts_in(self, hires_pass: bool) -> bool:
+        """Whether the unit acts in the first pass (False) or the hires pass (True)."""
+        return self is HiresOption.BOTH or (self is HiresOption.HIGH_RES_ONLY) == hires_pass
+
+
 class InpaintFill(str, Enum):
     """A1111's "masked content": what the masked area starts from.
 
@@ -100,6 +114,7 @@ class ControlSpec:
       ``controlnet`` (None: the request's ``guess_mode``).
     - ``resize_mode``: see :class:`ResizeMode`.
     - ``reference``: a colour image VAE-encoded as the net's ``latent_cond`` (reference colorization).
+    - ``hr_option``: the hires-fix passes it acts in (:class:`HiresOption`).
     """
 
     image: np.ndarray | None = None
@@ -115,10 +130,12 @@ class ControlSpec:
     resize_mode: ResizeMode = ResizeMode.CROP_AND_RESIZE
     guess_mode: bool | None = None
     reference: np.ndarray | None = None
+    hr_option: HiresOption = HiresOption.BOTH
 
     def __post_init__(self):
         self.control_mode = _enum(ControlMode, self.control_mode, "control_mode")
         self.resize_mode = _enum(ResizeMode, self.resize_mode, "resize_mode")
+        self.hr_option = _enum(HiresOption, self.hr_option, "hr_option")
 
     def mode(self, request_guess_mode: bool = False) -> ControlMode:
         """The effective control mode: guess mode (the unit's, else the request's) means ``controlnet``."""

@@ -11,6 +11,10 @@ import numpy as np
 from ctrlnet.generation.request import GenerationRequest
 
 
+# sd-webui-controlnet's HiResFixOption values, as its infotexts write them
+_HR_LABELS = {"both": "Both", "low_res_only": "Low res only", "high_res_only": "High res only"}
+
+
 @dataclass
 class GenerationResult:
     """``images``: (H, W, 3) uint8 each; ``control_maps``: the maps used, (H, W, C) uint8, one per unit
@@ -65,7 +69,8 @@ class GenerationResult:
             settings.append(f"ControlNet {i}: \"Module: {c.annotator or 'none'}, Model: {c.model or 'default'}, "
                             f"Weight: {c.strength}, Resize Mode: {c.resize_mode.value}, "
                             f"Guidance Start: {c.start}, Guidance End: {c.end}, Pixel Perfect: {c.pixel_perfect}, "
-                            f"Control Mode: {c.mode(r.guess_mode).value}\"")
+                            f"Control Mode: {c.mode(r.guess_mode).value}, "
+                            f"Hr Option: {_HR_LABELS[c.hr_option.value]}\"")
         for name, wt in r.loras:
             settings.append(f"Lora: {name}:{wt}")
         return f"{prompt}\nNegative prompt: {r.negative_prompt or ''}\n" + ", ".join(settings)

@@ -155,10 +155,12 @@ def _sample_pass(models: Models, plan: Plan, size: tuple[int, int], hires: bool,
             cmap = preprocess.inpaint_hint(start_image, mask.pixel)
         else:
             cmap = preprocess.control_map(u.spec, u.raw, size, u.resize)
+        maps.append(display_map(cmap))  # one map per unit, acting in this pass or not
+        if not u.spec.hr_option.acts_in(hires):
+            continue
         lc = None
         if u.spec.reference is not None:
             lc = encode_images(models, [preprocess.fit_image(u.spec.reference, size)])
-        maps.append(display_map(cmap))
         controls.append(control_input(models, u.net, u.spec, cmap, req.guess_mode, lc))
     steps.maps = maps
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ctrlnet.generation.request import ControlMode, GenerationRequest, ResizeMode
+from ctrlnet.generation.request import ControlMode, GenerationRequest, HiresOption, ResizeMode
 from ctrlnet.interfaces.a1111_modules import A1111Module, resolve_module
 
 # A1111's API defaults for fields a client leaves out (processing.py class defaults).
@@ -48,6 +48,10 @@ RESIZE_MODES = {0: ResizeMode.JUST_RESIZE, 1: ResizeMode.CROP_AND_RESIZE, 2: Res
                 "outer fit (shrink to fit)": ResizeMode.RESIZE_AND_FILL,
                 "envelope (outer fit)": ResizeMode.RESIZE_AND_FILL,
                 "just resize (latent upscale)": ResizeMode.JUST_RESIZE}
+# sd-webui-controlnet's HiResFixOption: values, and the list index its API also accepts
+HR_OPTIONS = {0: HiresOption.BOTH, 1: HiresOption.LOW_RES_ONLY, 2: HiresOption.HIGH_RES_ONLY,
+              "both": HiresOption.BOTH, "low res only": HiresOption.LOW_RES_ONLY,
+              "high res only": HiresOption.HIGH_RES_ONLY}
 # A1111 "masked content" (inpainting_fill) 0..3
 INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
 
@@ -216,17 +220,17 @@ def _unit_images(u: dict, i: int, decode: Decoder) -> tuple[np.ndarray | None, n
 # sd-webui-controlnet unit fields that do not change anything here at their defaults; other values
 # are named as ignored.
 _UNIT_DEFAULTS = {"low_vram": False, "lowvram": False, "is_ui": False, "input_mode": "simple",
-                  "batch_images": None, "output_dir": "", "loopback": False, "hr_option": "Both",
+                  "batch_images": None, "output_dir": "", "loopback": False,
                   "inpaint_crop_input_image": True, "advanced_weighting": None, "effective_region_mask": None,
                   "pulid_mode": "Fidelity", "union_control_type": "Unknown", "ipadapter_input": None,
                   "batch_mask_dir": None, "animatediff_batch": False, "batch_modifiers": [],
                   "batch_image_files": [], "batch_keyframe_idx": None}
 _UNIT_USED = {"enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight",
               "resize_mode", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
-              "guidance", "control_mode", "pixel_perfect", "guessmode", "save_detected_map"}
+              "guidance", "control_mode", "pixel_perfect", "guessmode", "save_detected_map", "hr_option"}
 
 
-def _unit(u, i: int, catalog: Catalog, decode: Decoder, img2img: bool, has_mask: bool, hires: bool,
+def _unit(u, i: int, catalog: Catalog, decode: Decoder, img2img: bool, has_mask: bool,
           ignored: dict) -> tuple[dict, np.ndarray | None, bool] | None:
     """One unit -> (control dict for request_from_dict, its image, append its map) or None (disabled)."""
     where = f"controlnet.args[{i}]"
@@ -242,9 +246,6 @@ def _unit(u, i: int, catalog: Catalog, decode: Decoder, img2img: bool, has_mask:
         if k not in _UNIT_USED and (k not in _UNIT_DEFAULTS or v != _UNIT_DEFAULTS[k]):
             if k in ("low_vram", "lowvram"):
                 ignored[f"{where}.{k}"] = "a memory option; this server manages memory itself (same image)"
-            elif k == "hr_option":
-                if hires:
-                    ignored[f"{where}.hr_option"] = "units act on both hires passes here"
             else:
                 ignored[f"{where}.{k}"] = "not supported by this server"
     module: A1111Module = resolve_module(u.get("module") or "none", f"{where}.module")
@@ -278,7 +279,8 @@ def _unit(u, i: int, catalog: Catalog, decode: Decoder, img2img: bool, has_mask:
             "end": 1.0 if u.get(end_key) is None else _num(u, end_key, float, 0.0, 1.0),
             "control_mode": mode.value, "pixel_perfect": _flag(u, "pixel_perfect"),
             "resize_mode": _choice(RESIZE_MODES, u.get("resize_mode", 1), f"{where}.resize_mode").value,
-            "detect_resolution": None if _flag(u, "pixel_perfect") else module.resolution(u.get("processor_res"))}
+            "detect_resolution": None if _flag(u, "pixel_perfect") else module.resolution(u.get("processor_res")),
+            "hr_option": _choice(HR_OPTIONS, u.get("hr_option", 0), f"{where}.hr_option").value}
     return ctrl, image, _flag(u, "save_detected_map", True)
 
 
@@ -390,7 +392,7 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
         raise ValueError(f"{len(live)} ControlNet units; the limit is {max_controls}")
     controls, images, append = [], [], []
     for i, u in enumerate(units_raw):
-        got = _unit(u, i, catalog, decode, img2img, mask is not None, hires, ignored)
+        got = _unit(u, i, catalog, decode, img2img, mask is not None, ignored)
         if got is not None:
             controls.append(got[0])
             images.append(got[1])

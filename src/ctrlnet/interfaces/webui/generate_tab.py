@@ -281,7 +281,7 @@ class GenerateTab:
                         s["added_prompt"] = gr.Textbox(defaults.get("added_prompt", ""), elem_id=f"{m}-added-prompt",
                                                        label="Added prompt (appended to the prompt, as the "
                                                              "original ControlNet apps do)")
-                    self.units = [UnitBlock(m, i, net_names) for i in range(n_units)]
+                    self.units = [UnitBlock(m, i, net_names, hires=m == "txt2img") for i in range(n_units)]
                 with gr.Column():
                     # the running batch's last x0 estimate (A1111's "Approx cheap" live preview)
                     self.live = gr.Image(label="Live preview", type="numpy", format="png", interactive=False,
@@ -442,6 +442,8 @@ class GenerateTab:
                          ("pixel_perfect", u.pixel_perfect), ("detect_resolution", u.detect_resolution)):
                 if c.get(k) is not None:
                     ups[w] = gr.update(value=c[k])
+            if u.hr_option is not None:
+                ups[u.hr_option] = gr.update(value=c.get("hr_option") or "both")
         return [ups[c] for c in self.outputs_for_apply()]
 
     def outputs_for_apply(self) -> list:
@@ -449,4 +451,6 @@ class GenerateTab:
         for u in self.units:
             out += [*u.params.values(), u.enabled, u.annotator, u.model, u.weight, u.start, u.end, u.control_mode, u.resize_mode,
                     u.pixel_perfect, u.detect_resolution]
+            if u.hr_option is not None:
+                out.append(u.hr_option)
         return out

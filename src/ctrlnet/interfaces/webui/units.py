@@ -24,6 +24,7 @@ CONTROL_MODES = [("Balanced", "balanced"), ("My prompt is more important", "prom
                  ("ControlNet is more important", "controlnet")]
 RESIZE_MODES = [("Just Resize", "just_resize"), ("Crop and Resize", "crop_and_resize"),
                 ("Resize and Fill", "resize_and_fill")]
+HR_OPTIONS = [("Both", "both"), ("Low res only", "low_res_only"), ("High res only", "high_res_only")]
 
 # Slider ranges for annotator parameters (defaults come from the annotators' own signatures).
 _RANGES = {
@@ -79,6 +80,7 @@ class UnitValues:
     resize_mode: str = "crop_and_resize"
     pixel_perfect: bool = False
     detect_resolution: int = 512
+    hr_option: str = "both"
 
     def spec(self, index: int, allow_no_image: bool = False):
         """The unit as a ``ControlSpec`` (``None`` when disabled); ``gr.Error`` naming the unit when
@@ -94,7 +96,8 @@ class UnitValues:
              "annotator_params": dict(self.params) if self.annotator not in (None, "none") else {},
              "detect_resolution": None if self.pixel_perfect else int(self.detect_resolution),
              "pixel_perfect": bool(self.pixel_perfect), "strength": float(self.weight), "start": float(self.start),
-             "end": float(self.end), "control_mode": self.control_mode, "resize_mode": self.resize_mode}
+             "end": float(self.end), "control_mode": self.control_mode, "resize_mode": self.resize_mode,
+             "hr_option": self.hr_option or "both"}
         try:
             return control_from_dict(d, index, image)
         except ValueError as e:
@@ -128,7 +131,10 @@ def preview_map(values: UnitValues, size: tuple[int, int]) -> np.ndarray:
 class UnitBlock:
     """The widgets of one unit, inside the caller's layout (an accordion per unit)."""
 
-    def __init__(self, prefix: str, index: int, net_names: list[str], detect_resolution: int = 512):
+    def __init__(self, prefix: str, index: int, net_names: list[str], detect_resolution: int = 512,
+                 hires: bool = False):
+        """``hires``: the tab has a hires fix, so the unit offers sd-webui-controlnet's "Hires-fix
+        option" (the passes it acts in)."""
         self.index = index
         params = annotator_params()
         self.param_owner = params  # annotator -> its parameters
@@ -173,11 +179,15 @@ class UnitBlock:
                                          elem_id=f"{eid}-control-mode")
             self.resize_mode = gr.Radio(RESIZE_MODES, value="crop_and_resize", label="Resize Mode",
                                         elem_id=f"{eid}-resize-mode")
+            self.hr_option = gr.Radio(HR_OPTIONS, value="both", label="Hires-fix option (the passes it acts in)",
+                                      elem_id=f"{eid}-hr-option") if hires else None
 
     def components(self) -> dict[str, gr.components.Component]:
         """The input widgets by :class:`UnitValues` field (``params`` flattened as ``param:NAME``)."""
         out = {k: getattr(self, k) for k in ("enabled", "image", "annotator", "model", "weight", "start", "end",
                                               "control_mode", "resize_mode", "pixel_perfect", "detect_resolution")}
+        if self.hr_option is not None:
+            out["hr_option"] = self.hr_option
         out.update({f"param:{k}": c for k, c in self.params.items()})
         return out
 
