@@ -192,3 +192,45 @@ def test_vae_and_embeddings_are_recorded_and_honoured_by_from_png(tmp_path, caps
     a, b, plain, emb = (np.asarray(Image.open(tmp_path / d / "4_0.png")) for d in ("a", "b", "plain", "emb"))
     assert np.array_equal(a, b) and np.abs(a.astype(int) - plain).mean() > 1
     assert np.abs(emb.astype(int) - plain).mean() > 0.1  # "shiny" is the embedding, not the word
+
+
+def test_per_control_flags_belong_to_the_control_they_follow(tmp_path, capsys):
+    ring = np.zeros((64, 64, 3), np.uint8)
+    cv2.circle(ring, (32, 32), 15, (255, 255, 255), 2)
+    a, b, c = (_write(tmp_path / f"{n}.png", ring) for n in "abc")
+    # the README's two-unit line: each unit gets only its own flags; --strength before the first
+    # --control is every unit's, and a unit's own value wins over it
+    rc, _ = _run(["--prompt", "x", "--width", "64", "--height", "64", "--steps", "1", "--seed", "3",
+                  "--strength", "0.5",
+                  "--control", a, "--annotator", "none", "--control-mode", "controlnet",
+                  "--control", b, "--annotator", "canny", "--resize-mode", "resize_and_fill", "--control-end", "0.6",
+                  "--control", c, "--annotator", "none", "--strength", "1.5", "--pixel-perfect", "--hr-option",
+                  "low_res_only", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0
+    units = json.loads(Image.open(tmp_path / "o" / "3_0.png").info["ctrlnet"])["request"]["controls"]
+    got = [(u["annotator"], u["control_mode"], u["resize_mode"], u["end"], u["strength"], u["pixel_perfect"],
+            u["hr_option"]) for u in units]
+    assert got == [(None, "controlnet", "crop_and_resize", 1.0, 0.5, False, "both"),
+                   ("canny", "balanced", "resize_and_fill", 0.6, 0.5, False, "both"),
+                   (None, "balanced", "crop_and_resize", 1.0, 1.5, True, "low_res_only")]
+
+
+def test_a_per_control_flag_twice_for_one_control_is_refused(tmp_path, capsys):
+    a = _write(tmp_path / "a.png", np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(SystemExit):
+        main(["generate", "--control", a, "--annotator", "canny", "--annotator", "none"])
+    err = capsys.readouterr().err
+    assert f"--annotator given twice for --control {a} ('canny' and 'none')" in err
+
+
+def test_an_unknown_annotator_fails_before_models_load(tmp_path, capsys, monkeypatch):
+    import ctrlnet.interfaces.model_args as model_args
+
+    def no_loading(*a, **k):
+        raise AssertionError("models were loaded before the annotator was checked")
+
+    monkeypatch.setattr(model_args, "load_named", no_loading)
+    a = _write(tmp_path / "a.png", np.zeros((64, 64, 3), np.uint8))
+    rc = main(["generate", "--control", a, "--annotator", "cany", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--annotator 'cany' (for --control" in err and "canny" in err

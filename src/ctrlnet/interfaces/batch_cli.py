@@ -56,6 +56,7 @@ def add_batch_parser(sub) -> None:
 def _check_flags(args) -> None:
     """Refuse what a batch cannot do, before anything loads (ValueError naming the flag)."""
     from ctrlnet.generation.presets import apply_preset
+    from ctrlnet.interfaces.cli import check_annotators
     from ctrlnet.sampling.names import resolve_sampler
 
     if args.num_images != 1:
@@ -67,6 +68,7 @@ def _check_flags(args) -> None:
                          "reruns agree")
     s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
     resolve_sampler(s["sampler"] or "ddim", s["schedule"])
+    check_annotators(args)
 
 
 def _process_state(device: str):
@@ -158,6 +160,7 @@ def _batch_video(args) -> int:
     from ctrlnet.colorize.video_job import colorize_video
     from ctrlnet.generation.presets import apply_preset
     from ctrlnet.image import load_image
+    from ctrlnet.interfaces.cli import _per_unit
     from ctrlnet.sampling.names import a1111_name
 
     if not args.reference:
@@ -171,8 +174,8 @@ def _batch_video(args) -> int:
     device = str(state.device) if state is not None and world > 1 and args.device == "auto" else args.device
     s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
     options = ColorizeOptions(prompt=args.prompt, resolution=args.resolution, steps=s["steps"],
-                              guidance_scale=args.guidance_scale, seed=args.seed, strength=args.strength[0]
-                              if args.strength else 1.0,
+                              guidance_scale=args.guidance_scale, seed=args.seed,
+                              strength=_per_unit(args.strength, 0, 1.0),
                               sampler=a1111_name(s["sampler"] or "ddim", s["schedule"]))  # the name carries the schedule
     models = load_colorizer_models(args.base, args.colorizer, device, args.dtype, args.low_vram)
     out = colorize_video(models, args.input, reference, args.out, "fixed", options,

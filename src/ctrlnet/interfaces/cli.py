@@ -57,26 +57,31 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
     """The flags that make a request (prompt, per-control settings, size, sampling, workflows), shared
     by ``ctrlnet generate`` and ``ctrlnet batch``; read back by :func:`_request_from_args`."""
     from ctrlnet.generation.presets import PRESETS
-    from ctrlnet.generation.request import DEFAULT_MAX_PIXELS, ControlMode, InpaintFill, ResizeMode, Upscaler
+    from ctrlnet.generation.request import DEFAULT_MAX_PIXELS, ControlMode, HiresOption, InpaintFill, ResizeMode, Upscaler
 
     p.add_argument("--prompt", default="", help="what to draw")
     p.add_argument("--added-prompt", default=None, help="appended to the prompt (default: the model's)")
     p.add_argument("--negative-prompt", default=None, help="what to avoid (default: the model's)")
-    p.add_argument("--annotator", action="append", default=[], metavar="NAME",
-                   help="annotator for each --control ('none' = the image is already a control map; "
-                        "list: ctrlnet annotate --list)")
-    p.add_argument("--strength", type=float, action="append", default=[], help="control weight, 0..2 (per control)")
-    p.add_argument("--control-mode", action="append", default=[], choices=[m.value for m in ControlMode],
-                   help="per control: balanced; prompt (my prompt is more important); controlnet (ControlNet is "
+    g = p.add_argument_group(
+        "per-control settings",
+        "Each applies to the --control it follows; given before the first --control it applies to every "
+        "control (e.g. --control a.png --annotator canny --control b.png --annotator none --control-end 0.6).")
+    g.add_argument("--annotator", action=PerControl, metavar="NAME",
+                   help="'none' (the image is already a control map) or an annotator (ctrlnet annotate --list)")
+    g.add_argument("--strength", type=float, action=PerControl, help="control weight, 0..2 (default 1)")
+    g.add_argument("--control-mode", action=PerControl, choices=[m.value for m in ControlMode],
+                   help="balanced (default); prompt (my prompt is more important); controlnet (ControlNet is "
                         "more important = guess mode)")
-    p.add_argument("--resize-mode", action="append", default=[], choices=[m.value for m in ResizeMode],
-                   help="per control, when its aspect differs from the output: stretch, cover and crop, fit and pad")
-    p.add_argument("--control-start", type=float, action="append", default=[], help="per control: first step, 0..1")
-    p.add_argument("--control-end", type=float, action="append", default=[], help="per control: last step, 0..1")
-    p.add_argument("--detect-resolution", type=int, action="append", default=[],
-                   help="per control: the annotator's resolution (short side, px)")
-    p.add_argument("--pixel-perfect", nargs="?", const="yes", action="append", default=[], choices=["yes", "no"],
-                   help="per control: annotator resolution from the output size (sd-webui-controlnet)")
+    g.add_argument("--resize-mode", action=PerControl, choices=[m.value for m in ResizeMode],
+                   help="when its aspect differs from the output: stretch, cover and crop (default), fit and pad")
+    g.add_argument("--control-start", type=float, action=PerControl, help="first step, 0..1 (default 0)")
+    g.add_argument("--control-end", type=float, action=PerControl, help="last step, 0..1 (default 1)")
+    g.add_argument("--detect-resolution", type=int, action=PerControl,
+                   help="the annotator's resolution (short side, px; default: the output's)")
+    g.add_argument("--pixel-perfect", nargs="?", const="yes", action=PerControl, choices=["yes", "no"],
+                   help="annotator resolution from the output size (sd-webui-controlnet)")
+    g.add_argument("--hr-option", action=PerControl, choices=[m.value for m in HiresOption],
+                   help="the hires-fix passes it acts in (sd-webui-controlnet; default both)")
     p.add_argument("--guess-mode", action="store_true", help="follow the control without a prompt (every control)")
     p.add_argument("--width", type=int, default=None, help="output width, a multiple of 8 (with --height)")
     p.add_argument("--height", type=int, default=None, help="output height, a multiple of 8 (with --width)")
@@ -140,9 +145,42 @@ def _progress_bar(total: int):
     return bar, progress
 
 
-def _per_unit(values: list, i: int, default):
-    """Flag ``i`` of a repeatable per-control flag: its own value, else the first given, else ``default``."""
-    return values[i] if i < len(values) else (values[0] if values else default)
+class PerControl(argparse.Action):
+    """A per-control flag: its value belongs to the ``--control`` it follows (key: that control's
+    index), or, given before the first ``--control`` (key -1), to every control. The namespace
+    holds ``{key: value}``; the same flag twice for one control is an error naming both."""
+
+    def __init__(self, option_strings, dest, default=None, **kw):
+        super().__init__(option_strings, dest, default=default, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        controls = getattr(namespace, "control", None) or []
+        key = len(controls) - 1
+        given = dict(getattr(namespace, self.dest) or {})
+        if key in given:
+            which = "before the first --control" if key < 0 else f"for --control {controls[-1]}"
+            parser.error(f"{option_string} given twice {which} ({given[key]!r} and {values!r}); each per-control "
+                         "flag follows its own --control")
+        given[key] = values
+        setattr(namespace, self.dest, given)
+
+
+def _per_unit(values: dict | None, i: int, default):
+    """Control ``i``'s value of a :class:`PerControl` flag: its own, else the one given for every
+    control, else ``default``."""
+    values = values or {}
+    return values.get(i, values.get(-1, default))
+
+
+def check_annotators(args) -> None:
+    """Unknown ``--annotator`` names fail here, before any model loads (ValueError naming the known ones)."""
+    from ctrlnet.annotators import list_annotators
+
+    known = list_annotators()
+    for key, name in sorted((getattr(args, "annotator", None) or {}).items()):
+        if name not in (None, "none") and name not in known:
+            where = "every control" if key < 0 else f"--control {args.control[key]}"
+            raise ValueError(f"--annotator {name!r} (for {where}) is unknown; known: none, {', '.join(known)}")
 
 
 def _read_inputs(args) -> dict:
@@ -189,6 +227,7 @@ def _request_from_args(args, models, inputs: dict):
             start=_per_unit(args.control_start, i, 0.0), end=_per_unit(args.control_end, i, 1.0),
             detect_resolution=_per_unit(args.detect_resolution, i, None),
             pixel_perfect=_per_unit(args.pixel_perfect, i, "no") == "yes",
+            hr_option=_per_unit(args.hr_option, i, "both"),
         ))
     # explicit flags, then the preset, then the model's defaults, then SD's
     sampling = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps},
@@ -228,6 +267,7 @@ def _cmd_generate(args) -> int:
         loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae, **extra)
         req = rec.request
     else:
+        check_annotators(args)
         inputs = _read_inputs(args)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
                             args.low_vram, args.parameterization, vae=args.vae, **extra)
