@@ -234,3 +234,23 @@ def test_an_unknown_annotator_fails_before_models_load(tmp_path, capsys, monkeyp
     rc = main(["generate", "--control", a, "--annotator", "cany", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc != 0 and "--annotator 'cany' (for --control" in err and "canny" in err
+
+
+def test_models_are_named_as_ctrlnet_models_list_names_them(tmp_path, capsys, monkeypatch):
+    from ctrlnet.interfaces.model_args import resolve_name
+
+    monkeypatch.setenv("CTRLNET_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    # a named official model found in a search folder is its file
+    (tmp_path / "control_v11p_sd15_canny.pth").write_bytes(b"x")
+    (tmp_path / "control_v11p_sd15_canny.yaml").write_text("model: {}")
+    assert resolve_name("control_v11p_sd15_canny") == str(tmp_path / "control_v11p_sd15_canny.pth")
+    # a named model that is not here says how to get it; a bare unknown word suggests close names
+    rc = main(["generate", "--base", "sd15", "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "ctrlnet models download sd15" in err and "CTRLNET_MODELS_DIR" in err
+    rc = main(["generate", "--controlnet", "control_v11p_sd15_cany", "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "neither a file nor a model name" in err and "control_v11p_sd15_canny" in err
+    # paths stay paths (the loader names a missing one)
+    assert resolve_name("nothing/here.safetensors") == "nothing/here.safetensors"

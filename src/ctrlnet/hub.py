@@ -10,7 +10,6 @@ publishes for the file.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +183,7 @@ def resolve(name: str, dirs=(), cache_dir=None) -> Path:
     raise MissingModelError(
         f"{m.name}: missing {', '.join(missing)} (about {human_size(m.size)}). Searched: {'; '.join(where)}. "
         f"Get it with `ctrlnet models download {m.name}` (needs internet), or download {urls} "
-        f"by hand into a folder and pass --dir <folder> (or set ${ENV_DIRS})."
+        f"by hand into a folder and name it in ${ENV_DIRS} (`ctrlnet models` also takes --dir <folder>)."
     )
 
 
@@ -193,14 +192,6 @@ def human_size(n: int) -> str:
         if n >= k:
             return f"{n / k:.2f} {unit}" if unit == "GB" else f"{n / k:.0f} {unit}"
     return f"{n} B"
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_sha256(repo: str, filename: str, token=None) -> str | None:
@@ -252,7 +243,9 @@ def download(name: str, cache_dir=None, local_dir=None, dirs=(), token=None, ver
                 return resolve(name, dirs, cache_dir)
             want = m.sha256 if f == m.filename and m.sha256 else (_hub_sha256(repo, f, token) if verify else None)
             if want:
-                got = sha256_file(p)
+                from ctrlnet.checkpoints.hashes import sha256_file  # (imports torch: only here)
+
+                got = sha256_file(p)  # uncached: a fresh download is checked once
                 if got != want:
                     p.unlink(missing_ok=True)
                     raise MissingModelError(f"{f}: checksum mismatch (got {got}, expected {want}); removed, try again")

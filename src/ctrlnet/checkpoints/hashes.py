@@ -30,6 +30,15 @@ def legacy_hash(path) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+def sha256_file(path) -> str:
+    """The file's SHA-256 (64 hex digits), read in 1 MiB blocks, uncached. Raises OSError."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
 def default_cache() -> Path:
     """``$CTRLNET_CACHE_DIR/hashes.json``, else ``$XDG_CACHE_HOME/ctrlnet/hashes.json``, else
     ``~/.cache/ctrlnet/hashes.json``."""
@@ -62,11 +71,7 @@ def file_sha256(path, cache: Path | None = None) -> str:
     except (OSError, ValueError, AttributeError) as e:
         _log.warning("hash cache %s unreadable (%s); starting a new one", cache, e)
         entries = {}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     entries[key] = {"stamp": stamp, "sha256": digest}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

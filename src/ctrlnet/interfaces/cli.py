@@ -129,7 +129,14 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, examples kept as written."""
+    """Defaults shown (where the help does not already say it, and there is one to show), examples
+    kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", [], {}, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _progress_bar(total: int):

@@ -59,11 +59,34 @@ class LoadedModels:
         return str(self.models.dtype).replace("torch.", "")
 
 
+def resolve_name(spec: str | None) -> str | None:
+    """``spec`` as given when it is a path that exists (or ``demo``, ``random:...``, None); a name
+    from ``ctrlnet models list`` (``sd15``, ``control_v11p_sd15_canny``) -> that model's local file
+    (the search folders, then the Hugging Face cache; never the network). Raises
+    :class:`~ctrlnet.hub.MissingModelError` for a named model that is not here, saying how to get
+    it, and ValueError for a bare word that is neither a file nor a model name (with close names)."""
+    if spec is None or spec == "demo" or str(spec).startswith("random:") or Path(spec).expanduser().exists():
+        return spec
+    from ctrlnet import hub
+
+    try:
+        hub.get_model(str(spec))
+    except KeyError as e:
+        if any(c in str(spec) for c in "/\\") or Path(spec).suffix:
+            return spec  # a path that is not there: the loader names it
+        raise ValueError(f"{spec!r} is neither a file nor a model name: {e.args[0]}") from None
+    return str(hub.resolve(str(spec)))
+
+
 def load_named(base: str | None, controlnets: dict[str, str], device="auto", dtype="auto", low_vram=False,
                parameterization=None, vae: str | None = None, embeddings=(), lora_dirs=()) -> LoadedModels:
-    """Load models by spec and remember the specs (paths absolute)."""
+    """Load models by spec (paths, or names from ``ctrlnet models list``: :func:`resolve_name`) and
+    remember the specs (paths absolute)."""
     from ctrlnet.interfaces.outputs import model_spec
     from ctrlnet.pipeline import DEMO_CONTROL, demo_dir, load_models
+
+    base, vae = resolve_name(base), resolve_name(vae)
+    controlnets = {k: resolve_name(v) for k, v in controlnets.items()}
 
     models = load_models(base, dict(controlnets), device=device, dtype=dtype, low_vram=low_vram,
                          parameterization=parameterization, vae=vae, embeddings=embeddings, lora_dirs=lora_dirs)

@@ -22,7 +22,7 @@ def add_ui_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = reachable from other machines)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--models-dir", default=None,
                    help="folder of base models and ControlNets offered in the app's model menus")
     p.add_argument("--outputs", default="outputs", help="folder where generated PNGs are kept")
@@ -42,20 +42,25 @@ def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="run the HTTP API (needs: pip install 'ctrlnet[serve]')",
         description="Serve the jobs API (POST /v1/jobs, GET/DELETE /v1/jobs/{id}, GET /v1/jobs/{id}/events), "
-                    "POST /v1/generate, POST /v1/annotate, GET /v1/models and GET /health; the API is described "
-                    "at /docs (works offline). One generation runs at a time; extra requests wait in a short "
-                    "queue and get 429 with Retry-After when it is full. Set ${TOKEN_ENV} (or --token-file) to require "
-                    "'Authorization: Bearer <token>'.",
+                    "POST /v1/generate, POST /v1/annotate, GET /v1/models and GET /health, and AUTOMATIC1111's "
+                    "API with sd-webui-controlnet (/sdapi/v1/txt2img, img2img, progress, interrupt...; "
+                    "/controlnet/detect, model_list...) for existing A1111 clients; the API is described at "
+                    "/docs (works offline). One generation runs at a time; extra requests wait in a short "
+                    f"queue and get 429 with Retry-After when it is full. Set {TOKEN_ENV} (or --token-file) to "
+                    "require 'Authorization: Bearer <token>' (A1111 clients: HTTP Basic with the token as the "
+                    "password).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token-file", default=None, help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--token-file", default=None, help=f"file holding the bearer token (default: ${TOKEN_ENV}; "
+                                                       "neither: no token is required)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="jobs running + waiting before 429")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest input image (pixels)")
-    p.add_argument("--max-resolution", type=int, default=d.max_resolution)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--max-resolution", type=int, default=d.max_resolution,
+                   help="largest resolution / width / height a request may ask for (px)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="sampling steps per request (all passes)")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     p.add_argument("--max-output-pixels", type=int, default=d.max_output_pixels,
                    help="output pixels per request: width x height x images (x hires scale squared)")
