@@ -61,6 +61,13 @@ def test_hr_options_by_int_and_name(value, opt):
     assert t.request.controls[0].hr_option.value == opt and not any("hr_option" in k for k in t.ignored)
 
 
+def test_sides_not_a_multiple_of_8_are_floored_as_a1111s_latents_make_them():
+    t = _t2i([], width=130, height=100)
+    assert (t.request.width, t.request.height) == (128, 96)
+    assert "128 px" in t.ignored["width"] and "96 px" in t.ignored["height"]
+    assert "width" not in _t2i([], width=128).ignored
+
+
 def test_bad_hr_option_is_refused():
     with pytest.raises(ValueError, match="hr_option='Sometimes' is unknown; choose one of: both, low res only"):
         _t2i([_unit(hr_option="Sometimes")])

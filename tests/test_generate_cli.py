@@ -51,6 +51,8 @@ def test_inpaint_with_units_from_the_cli_and_made_again_from_its_png(tmp_path, c
     unit = rec["request"]["controls"][0]
     assert (unit["control_mode"], unit["resize_mode"], unit["start"]) == ("prompt", "resize_and_fill", 0.2)
     assert rec["inputs"] == {"init_image": "5_init_image.png", "mask": "5_mask.png"}
+    printed = out.splitlines()
+    assert str(tmp_path / "a" / "5_init_image.png") in printed and str(tmp_path / "a" / "5_mask.png") in printed
     infotext = Image.open(first).info["parameters"]
     assert "Control Mode: prompt" in infotext and "Sampler: Euler a," in infotext and "Seed: 5," in infotext
     a = np.asarray(Image.open(first))
@@ -208,11 +210,18 @@ def test_per_control_flags_belong_to_the_control_they_follow(tmp_path, capsys):
                   "low_res_only", "--out", str(tmp_path / "o")], capsys)
     assert rc == 0
     units = json.loads(Image.open(tmp_path / "o" / "3_0.png").info["ctrlnet"])["request"]["controls"]
+    assert [u["model"] for u in units] == ["c", "c", "c"]  # beyond the --controlnet list: the first, named
     got = [(u["annotator"], u["control_mode"], u["resize_mode"], u["end"], u["strength"], u["pixel_perfect"],
             u["hr_option"]) for u in units]
     assert got == [(None, "controlnet", "crop_and_resize", 1.0, 0.5, False, "both"),
                    ("canny", "balanced", "resize_and_fill", 0.6, 0.5, False, "both"),
                    (None, "balanced", "crop_and_resize", 1.0, 1.5, True, "low_res_only")]
+
+
+def test_mask_without_init_image_names_the_flags(tmp_path, capsys):
+    m = _write(tmp_path / "m.png", np.zeros((64, 64), np.uint8))
+    rc = main(["generate", "--mask", m, "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert rc != 0 and "--mask needs --init-image" in capsys.readouterr().err
 
 
 def test_a_per_control_flag_twice_for_one_control_is_refused(tmp_path, capsys):

@@ -194,6 +194,8 @@ def _read_inputs(args) -> dict:
     """Every image the request needs, read before any model loads (a bad path fails at once)."""
     from ctrlnet.image import load_image
 
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (inpainting repaints the masked part of that picture)")
     return {
         # "--control init": the unit uses the init image (and an inpaint unit, the mask too)
         "controls": [None if path == "init" and args.init_image and not Path(path).exists()
@@ -227,7 +229,8 @@ def _request_from_args(args, models, inputs: dict):
     for i, image in enumerate(inputs["controls"]):
         ann = _per_unit(args.annotator, i, None)
         controls.append(ControlSpec(
-            image=image, model=names[i] if i < len(names) else None,
+            # controls beyond the --controlnet list reuse the first, named so records say which
+            image=image, model=names[i] if i < len(names) else (names[0] if names else None),
             annotator=None if ann in (None, "none") else ann, strength=_per_unit(args.strength, i, 1.0),
             control_mode=_per_unit(args.control_mode, i, "balanced"),
             resize_mode=_per_unit(args.resize_mode, i, "crop_and_resize"),
@@ -285,7 +288,7 @@ def _cmd_generate(args) -> int:
         result = generate(loaded.models, req, progress)
     saved = save_result(result, args.out, loaded.base, loaded.controlnets, loaded.dtype_name, vae=loaded.vae,
                         extras=extra)
-    for path in saved.images + saved.control_maps:
+    for path in saved.images + saved.control_maps + saved.inputs:
         print(path)
     print(f"dtype: {loaded.dtype_name} on {loaded.models.device}")  # what --dtype auto chose
     print(f"seed: {result.seed}")

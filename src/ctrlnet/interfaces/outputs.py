@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ RECORD_KEY = "ctrlnet"
 class SavedResult:
     images: list[Path]
     control_maps: list[Path]
+    inputs: list[Path] = field(default_factory=list)  # the init image and mask saved next to them
 
 
 @dataclass
@@ -123,13 +124,14 @@ def save_result(result: GenerationResult, out_dir, base: str | None, controlnets
             for i, c in enumerate(result.request.controls) if c.reference is not None}
     names = [p.name for p in maps]
     req = result.request
-    inputs = {key: save_image(arr, free_name(out, f"{result.seed}_{key}")).name
-              for key, arr in (("init_image", req.init_image), ("mask", req.mask)) if arr is not None}
+    input_paths = {key: save_image(arr, free_name(out, f"{result.seed}_{key}"))
+                   for key, arr in (("init_image", req.init_image), ("mask", req.mask)) if arr is not None}
+    inputs = {key: p.name for key, p in input_paths.items()}
     images = [save_image(img, free_name(out, f"{result.seed}_{i}"),
                          result_chunks(result, base, controlnets, dtype, names, refs, k=i, inputs=inputs, vae=vae,
                                        extras=extras))
               for i, img in enumerate(result.images)]
-    return SavedResult(images, maps)
+    return SavedResult(images, maps, list(input_paths.values()))
 
 
 def png_bytes(image: np.ndarray, chunks: dict[str, str] | None = None) -> bytes:

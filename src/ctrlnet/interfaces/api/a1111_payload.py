@@ -346,6 +346,10 @@ def translate(body: dict, mode: str, catalog: Catalog, decode: Decoder, max_cont
     sampler, schedule, eta = _sampler(body, ignored)
 
     width, height = _num(body, "width", int, 64, 8192), _num(body, "height", int, 64, 8192)
+    for side, v in (("width", width), ("height", height)):
+        if v % 8:  # A1111 draws latents of side // 8, so its picture is the multiple of 8 below
+            ignored[side] = f"{v} is not a multiple of 8: {v // 8 * 8} px, as A1111's latent size makes it"
+    width, height = width // 8 * 8, height // 8 * 8
     batch, n_iter = _num(body, "batch_size", int, 1, 64), _num(body, "n_iter", int, 1, 64)
     data = {"prompt": _text(body, "prompt"), "added_prompt": "", "negative_prompt": _text(body, "negative_prompt"),
             "seed": _num(body, "seed", int), "steps": _num(body, "steps", int), "guidance_scale": _num(body, "cfg_scale"),
