@@ -141,6 +141,28 @@ def test_queue_measures_its_pace_and_derives_retry_after_and_eta():
     assert w1.state == CANCELLED and q.position(w2) == 1 and w2.eta_s == pytest.approx((4 + 2) * 2.5)
     gate.set()
     assert w2.done_event.wait(10) and w2.state == DONE and run.result == "late"
+
+    # from its second step on, a running job is timed by its own pace (after its first step, which
+    # also carried the setup), whatever earlier jobs of other sizes measured
+    gate2, at3 = threading.Event(), threading.Event()
+
+    def own_pace(progress, cancel):
+        now[0] += 30.0  # setup and the first step
+        progress(1, 10)
+        for i in (2, 3):
+            now[0] += 0.5
+            progress(i, 10)
+        at3.set()
+        gate2.wait(10)
+        return "ok"
+
+    mine = q.submit(own_pace, 10)
+    after = q.submit(timed(2, 1.0), 2)
+    assert at3.wait(10)
+    assert mine.eta_s == pytest.approx(7 * 0.5) and q.retry_after_s() == math.ceil(7 * 0.5)
+    assert after.eta_s == pytest.approx(7 * 0.5 + 2 * q.seconds_per_step())
+    gate2.set()
+    assert after.done_event.wait(10) and mine.result == "ok"
     assert w1.started_at is None
     q.shutdown()
 

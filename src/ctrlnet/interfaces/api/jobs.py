@@ -76,6 +76,7 @@ class Job:
     finished_at: float | None = None
     finished_wall: float | None = None
     eta_s: float | None = None
+    first_step_at: float | None = None  # when its first step was reported (its own pace starts there)
     result: Any = None
     error: BaseException | None = None
     preview: Any = None  # the work's latest live-preview source (a generation's x0 estimate), set as it runs
@@ -202,7 +203,9 @@ class JobQueue:
         """Whole seconds until a slot should free: the running job's remaining steps at the measured pace."""
         with self._cv:
             run = self._running
-            left = (run.total - run.step) if run is not None else (self._waiting[0].total if self._waiting else 0)
+            if run is not None:
+                return max(1, math.ceil(self._running_eta(run)))
+            left = self._waiting[0].total if self._waiting else 0
             return max(1, math.ceil(left * self._pace()))
 
     # ---- waiting --------------------------------------------------------------------------------
@@ -275,6 +278,8 @@ class JobQueue:
     def _run(self, job: Job) -> None:
         def progress(done: int, total: int) -> None:
             with self._cv:
+                if job.first_step_at is None and done >= 1:
+                    job.first_step_at = self._clock()
                 job.step, job.total = int(done), max(1, int(total))
                 self._update_etas()
             self._notify(job)
@@ -316,15 +321,23 @@ class JobQueue:
             return (self._clock() - run.started_at) / run.step
         return _PRIOR_S_PER_STEP
 
+    def _running_eta(self, run: Job) -> float:
+        """Seconds left for the running job: its own pace once it has two steps to time (from the
+        end of its first, which also carried its setup: prompts, control maps), as A1111's progress
+        does; before that the measured pace of earlier jobs, which may have had other sizes."""
+        left = run.total - run.step
+        if run.step >= 2 and run.first_step_at is not None:
+            return left * (self._clock() - run.first_step_at) / (run.step - 1)
+        return left * self._pace()
+
     def _update_etas(self) -> None:
         pace = self._pace()
-        ahead = 0
+        ahead_s = 0.0
         if self._running is not None:
-            ahead = self._running.total - self._running.step
-            self._running.eta_s = ahead * pace
+            ahead_s = self._running.eta_s = self._running_eta(self._running)
         for job in self._waiting:
-            ahead += job.total
-            job.eta_s = ahead * pace
+            ahead_s += job.total * pace
+            job.eta_s = ahead_s
 
     def _finish(self, job: Job, state: str) -> None:
         job.fn = None  # the work's closure holds the request's images; the result is what stays

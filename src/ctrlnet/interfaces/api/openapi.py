@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from ctrlnet.generation.request import MAX_SEED, ControlMode, InpaintFill, ResizeMode, Upscaler
+from ctrlnet.generation.request import MAX_SEED, ControlMode, HiresOption, InpaintFill, ResizeMode, Upscaler
 
 def _set(prop: dict, **kw) -> None:
     """Constrain a property; for ``Optional[...]`` (anyOf with null) the non-null branch."""
@@ -69,6 +69,7 @@ def _bounds(schemas: dict, ctx) -> None:
     _set(c["detect_resolution"], minimum=64, maximum=lim.max_resolution)
     _set(c["control_mode"], enum=[m.value for m in ControlMode])
     _set(c["resize_mode"], enum=[m.value for m in ResizeMode])
+    _set(c["hr_option"], enum=[m.value for m in HiresOption])
 
     a = schemas["AnnotateBody"]["properties"]
     _set(a["annotator"], enum=list_annotators())

@@ -51,6 +51,8 @@ class ControlBody(BaseModel):
                                                       "controlnet (ControlNet is more important)")
     resize_mode: str = Field("crop_and_resize", description="how a map of another aspect is fitted")
     guess_mode: Optional[bool] = Field(None, description="true = control_mode 'controlnet'; null = the request's")
+    hr_option: str = Field("both", description="the hires-fix passes it acts in: both | low_res_only | "
+                                               "high_res_only (sd-webui-controlnet)")
 
 
 class GenerateBody(BaseModel):
