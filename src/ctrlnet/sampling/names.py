@@ -114,8 +114,8 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
                 key, named = samplers[n[: -len(label) - 1]], sched
                 break
     if key is None:
-        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(sampler_names())} (A1111's schedule "
-                         "suffixes work too: \"DPM++ 2M Karras\", or --schedule karras)")
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(sampler_names())}; a schedule may "
+                         "follow the name as in A1111 (DPM++ 2M Karras) or be given on its own")
     return key, explicit or named or SAMPLERS[key].schedule
 
 
