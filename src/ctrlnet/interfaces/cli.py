@@ -221,16 +221,18 @@ def _cmd_generate(args) -> int:
     if args.from_png:
         rec = read_record(args.from_png)
         extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
+    compile_opt = {"compile": args.compile}
         base = args.base if args.base is not None else rec.base
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
         vae = args.vae if args.vae is not None else rec.vae
-        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae, **extra)
+        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae,
+                            **extra, **compile_opt)
         req = rec.request
     else:
         inputs = _read_inputs(args)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
-                            args.low_vram, args.parameterization, vae=args.vae, **extra)
+                            args.low_vram, args.parameterization, vae=args.vae, **extra, **compile_opt)
         req = _request_from_args(args, loaded.models, inputs)
     req.validate()
     bar, progress = _progress_bar(req.steps)
