@@ -218,10 +218,10 @@ def _cmd_generate(args) -> int:
 
     check_output_dir(args.out)  # before models load: a bad --out must not cost a whole run
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
+    compile_opt = {"compile": args.compile}
     if args.from_png:
         rec = read_record(args.from_png)
         extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
-    compile_opt = {"compile": args.compile}
         base = args.base if args.base is not None else rec.base
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
