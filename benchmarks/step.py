@@ -15,6 +15,11 @@ is faster). Candidates:
 - ``ours``: UNet + ControlNet as ``generate()`` runs them (channels-last on CPU), the hint encoder
   included; ``ours, cached hint``: the hint encoder's output reused, as the sampling loop does
   from the second step on (:class:`ctrlnet.sampling.denoiser.Denoiser`).
+- ``ours compiled`` (with ``--compile``): the same two modules ``torch.compile``d exactly as
+  ``load_models(compile=True)`` / ``CTRLNET_COMPILE=1`` does (:mod:`ctrlnet.runtime.compile`),
+  the hint encoder cached as in sampling; ``ours compiled, frozen`` adds inductor's ``freezing``
+  (weights folded in as constants: faster or not, measured here; not what ``load_models`` does,
+  because in-place LoRA merges would be ignored).
 - ``diffusers`` ``UNet2DConditionModel`` + ``ControlNetModel``, NCHW and channels-last, and with
   ``--compile`` also ``torch.compile``d (inductor, ``freezing=True``) in both layouts.
 - ``openvino``: our two modules traced as one graph by ``openvino.convert_model`` and compiled
@@ -39,6 +44,7 @@ from ctrlnet.checkpoints import diffusers_unet as du
 from ctrlnet.config import get_preset
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.unet import UNetModel
+from ctrlnet.runtime.compile import COMPILE_OPTIONS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -120,6 +126,17 @@ def _openvino_step(ir: str, inputs, dt):
     return run, ov.__version__
 
 
+def _compiled(label: str, modules, call, **options):
+    """``call(*compiled modules)`` as a timed candidate; each module ``torch.compile``d on its own
+    (the originals stay eager), compiled (on this first call) right now."""
+    compiled = [torch.compile(m, **{**COMPILE_OPTIONS, **options}) for m in modules]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        call(*compiled)
+    print(f"  {label}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    return torch.inference_mode()(lambda: call(*compiled))
+
+
 def _profile(fn, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -138,7 +155,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2, help="rows per step (2 = one image with CFG)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="add torch.compile'd diffusers (slow to compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add torch.compile'd ours and diffusers (slow to compile: minutes each at full size)")
+    ap.add_argument("--compile-frozen", action="store_true",
+                    help="with --compile, also ours compiled with inductor freezing (one more compilation)")
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--openvino-cache", type=Path, default=Path(tempfile.gettempdir()) / "ctrlnet-step-openvino",
                     help="where the converted step is kept between runs (per preset, size and batch)")
@@ -207,6 +227,13 @@ def main() -> None:
             return unet(xs_cl, t, cs, control=cn(xs_cl, hs_cl, t, cs, guided_hint=guided))
 
         cands.update({"ours": ours, "ours, cached hint": ours_cached})
+        if args.compile:
+            # as load_models compiles them (each module on its own) and the Denoiser calls them
+            for label, opts in {"ours compiled": {}, "ours compiled, frozen": {"options": {"freezing": True}}}.items():
+                if label.endswith("frozen") and not args.compile_frozen:
+                    continue
+                cands[label] = _compiled(label, (unet, cn), lambda u, c: u(
+                    xs_cl, t, cs, control=c(xs_cl, None, t, cs, guided_hint=guided)), **opts)
         if d_unet is not None:
             for m in (d_unet, d_cn):
                 m.to(dev, dt)
@@ -214,17 +241,10 @@ def main() -> None:
             cands["diffusers"] = torch.inference_mode()(lambda: step(xs, t, cs, hs))
             cands["diffusers channels-last"] = torch.inference_mode()(lambda: step(xs_cl, t, cs, hs_cl))
             if args.compile:
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
                 for label, (xi, hi) in {"diffusers compiled": (xs, hs),
                                         "diffusers channels-last compiled": (xs_cl, hs_cl)}.items():
-                    compiled = torch.compile(_DiffusersStep(d_unet, d_cn).eval())
-                    t0 = time.perf_counter()
-                    with torch.inference_mode():
-                        compiled(xi, t, cs, hi)
-                    print(f"  {label}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-                    cands[label] = torch.inference_mode()(lambda c=compiled, xi=xi, hi=hi: c(xi, t, cs, hi))
+                    cands[label] = _compiled(label, [_DiffusersStep(d_unet, d_cn).eval()],
+                                             lambda c, xi=xi, hi=hi: c(xi, t, cs, hi), options={"freezing": True})
         if ir:
             t0 = time.perf_counter()
             run, ov_version = _openvino_step(ir, (x, ts, ctx, hint), dt)

@@ -267,6 +267,7 @@ def _cmd_generate(args) -> int:
 
     check_output_dir(args.out)  # before models load: a bad --out must not cost a whole run
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
+    compile_opt = {"compile": args.compile}
     if args.from_png:
         rec = read_record(args.from_png)
         extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
@@ -274,13 +275,14 @@ def _cmd_generate(args) -> int:
         nets = name_controlnets(args.controlnet) if args.controlnet else rec.controlnets
         dtype = rec.dtype if args.dtype == "auto" and rec.dtype else args.dtype
         vae = args.vae if args.vae is not None else rec.vae
-        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae, **extra)
+        loaded = load_named(base, nets, args.device, dtype, args.low_vram, args.parameterization, vae=vae,
+                            **extra, **compile_opt)
         req = rec.request
     else:
         check_annotators(args)
         inputs = _read_inputs(args)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
-                            args.low_vram, args.parameterization, vae=args.vae, **extra)
+                            args.low_vram, args.parameterization, vae=args.vae, **extra, **compile_opt)
         req = _request_from_args(args, loaded.models, inputs)
     req.validate()
     bar, progress = _progress_bar(req.steps)

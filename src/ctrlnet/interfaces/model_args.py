@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", default=None, metavar="FILE",
                    help="a VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) or diffusers VAE folder that "
                         "replaces the base model's VAE")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the UNet and ControlNets (slow first step: minutes on a CPU per image size; "
+                        "worth it for many images at one size; $CTRLNET_COMPILE=1 does the same)")
 
 
 def name_controlnets(specs) -> dict[str, str]:
@@ -79,7 +82,8 @@ def resolve_name(spec: str | None) -> str | None:
 
 
 def load_named(base: str | None, controlnets: dict[str, str], device="auto", dtype="auto", low_vram=False,
-               parameterization=None, vae: str | None = None, embeddings=(), lora_dirs=()) -> LoadedModels:
+               parameterization=None, vae: str | None = None, embeddings=(), lora_dirs=(),
+               compile: bool | None = None) -> LoadedModels:
     """Load models by spec (paths, or names from ``ctrlnet models list``: :func:`resolve_name`) and
     remember the specs (paths absolute)."""
     from ctrlnet.interfaces.outputs import model_spec
@@ -89,7 +93,8 @@ def load_named(base: str | None, controlnets: dict[str, str], device="auto", dty
     controlnets = {k: resolve_name(v) for k, v in controlnets.items()}
 
     models = load_models(base, dict(controlnets), device=device, dtype=dtype, low_vram=low_vram,
-                         parameterization=parameterization, vae=vae, embeddings=embeddings, lora_dirs=lora_dirs)
+                         parameterization=parameterization, vae=vae, embeddings=embeddings, lora_dirs=lora_dirs,
+                         compile=compile)
     specs = {k: model_spec(v) for k, v in controlnets.items()}
     if not specs and "demo" in models.controlnets and base in (None, "demo"):
         specs = {"demo": str(demo_dir() / DEMO_CONTROL)}
@@ -98,4 +103,4 @@ def load_named(base: str | None, controlnets: dict[str, str], device="auto", dty
 
 def load_from_args(args) -> LoadedModels:
     return load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype, args.low_vram,
-                      args.parameterization, vae=getattr(args, "vae", None))
+                      args.parameterization, vae=getattr(args, "vae", None), compile=getattr(args, "compile", None))
