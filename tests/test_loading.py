@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctrlnet.checkpoints.convert import base_state_dict, controlnet_state_dict, write_single_file
 from ctrlnet.checkpoints.diffusers_folder import save_diffusers_base
-from ctrlnet.checkpoints.io import CheckpointError, read_checkpoint
+from ctrlnet.checkpoints.io import PIECE_BYTES, CheckpointError, read_checkpoint
 from ctrlnet.checkpoints.load import load_base, load_controlnet
 from ctrlnet.pipeline import load_models, random_base, random_controlnet
 
@@ -79,8 +79,11 @@ def test_bf16_load_makes_no_fp32_tensor(files):
     with NewTensors() as seen:
         m = load_models(str(files / "base.safetensors"), [str(files / "control.safetensors")],
                         device="cpu", dtype="bf16")
+    # the only fp32 tensors: one cache-sized staging piece per loaded part (fp16 -> fp32 -> bf16 per
+    # piece, io.MappedFile.read_into), never a weight: no fp32 copy of the model exists
     fp32 = [(f, n) for f, dt, n in seen.made if dt == torch.float32]
-    assert fp32 == [], f"fp32 tensors were made while loading in bf16: {fp32[:5]}"
+    assert len(fp32) <= 4 and all(n <= 2 * PIECE_BYTES for _, n in fp32), \
+        f"fp32 tensors were made while loading in bf16: {fp32[:5]}"
     made = sum(n for _, dt, n in seen.made if dt == torch.bfloat16)
     params = sum(p.numel() * 2 for mod in (m.base.unet, m.base.vae, m.base.text_encoder, *m.controlnets.values())
                  for p in mod.parameters())
