@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctrlnet.checkpoints.convert import base_state_dict, controlnet_state_dict, write_single_file
 from ctrlnet.checkpoints.diffusers_folder import save_diffusers_base
+from ctrlnet.checkpoints import io
 from ctrlnet.checkpoints.io import PIECE_BYTES, CheckpointError, read_checkpoint
 from ctrlnet.checkpoints.load import load_base, load_controlnet
 from ctrlnet.pipeline import load_models, random_base, random_controlnet
@@ -71,6 +72,30 @@ def test_weights_are_the_files_values_cast_once(files, dtype):
             assert torch.equal(got[k], v.to(dtype)), k  # bit for bit: one rounding, fp16 -> dtype
             if v.ndim == 4 and module is not base.vae:
                 assert got[k].is_contiguous(memory_format=CL), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_tensors_cut_into_many_pieces_load_the_same(files, tmp_path, monkeypatch, dtype):
+    # Pieces of 96 bytes: flat tensors are cut mid-run and channels-last weights one row (output
+    # channel) at a time, so every boundary case of the piecewise read and cast is exercised.
+    monkeypatch.setattr(io, "PIECE_BYTES", 96)
+    net = load_controlnet(files / "control.safetensors", dtype=dtype, memory_format=CL)
+    want = _file_tensors(files / "control.safetensors", "control_model.")
+    got = net.state_dict()
+    assert any(v.numel() * 2 > 96 and v.ndim == 4 for v in want.values())
+    for k, v in want.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+        if v.ndim == 4:
+            assert got[k].is_contiguous(memory_format=CL), k
+    # a NaN in the last piece of a tensor, and one in the middle of a channels-last weight
+    sd = {k: v.clone() for k, v in read_checkpoint(files / "control.safetensors").state_dict.items()}
+    flat, conv = "control_model.input_blocks.0.0.bias", "control_model.input_blocks.1.0.in_layers.2.weight"
+    for key, where in ((flat, (-1,)), (conv, (sd[conv].shape[0] // 2, 1, 1, 1))):
+        bad = {**sd, key: sd[key].clone()}
+        bad[key][where] = float("nan")
+        save_file(bad, str(tmp_path / "nan.safetensors"), metadata=read_checkpoint(files / "control.safetensors").metadata)
+        with pytest.raises(CheckpointError, match=r"NaN or infinite values \(" + key.split(".", 1)[1].replace(".", r"\.")):
+            load_controlnet(tmp_path / "nan.safetensors", dtype=dtype, memory_format=CL)
 
 
 def test_bf16_load_makes_no_fp32_tensor(files):
