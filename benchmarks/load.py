@@ -9,10 +9,12 @@ The files are written once into ``--dir`` (benchmarks/sd15_files.py: single file
 layout, fp16, plus the same weights as a diffusers pipeline folder). Every load runs in its own
 Python process, so each peak is its own: the time is from the loading call until the models are
 ready for the first step (in the asked dtype, on the CPU; ours also channels-last, as
-``load_models`` leaves them), imports excluded; the peak is the process's peak resident set
+``load_models`` leaves them), imports excluded; the CPU time is the user + system time of all the
+process's threads over the same span (steadier than the wall time on a shared machine; page
+faults on fresh memory count as system time); the peak is the process's peak resident set
 (``ru_maxrss``, which counts the pages of a memory-mapped file it touched). Before timing, every
 file is read once so both sides find it in the page cache. Methods run interleaved, ``--repeats``
-rounds; the table gives the median time and the highest peak.
+rounds; the table gives the median time and CPU time and the highest peak.
 """
 
 from __future__ import annotations
