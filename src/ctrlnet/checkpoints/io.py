@@ -119,21 +119,22 @@ class MappedFile:
         if off is None:
             return None
         if out.is_contiguous() or t.ndim == 0:
-            src, dst, row_shape = t.reshape(-1), out.view(-1), ()  # any cut of a flat run is dense
+            src, dst, cl = t.reshape(-1), out.view(-1), False  # any cut of a flat run is dense
         elif out.ndim == 4 and out.is_contiguous(memory_format=torch.channels_last):
-            src, dst, row_shape = t, out, tuple(t.shape[1:])  # channels-last: runs of dim-0 rows are dense
+            src, dst, cl = t, out, True  # channels-last: a run of dim-0 rows is a dense block
         else:
             raise ValueError(f"read_into: an output with strides {out.stride()} cannot be filled in dense pieces")
         row_bytes = max(1, src[0].numel()) * t.element_size() if src.shape[0] else 1
         per = max(1, PIECE_BYTES // row_bytes)  # rows per piece
-        need = min(src.shape[0], per) * row_bytes
+        need = max(min(src.shape[0], per) * row_bytes, PIECE_BYTES)
         local = self._local
-        if getattr(local, "scratch", None) is None or local.scratch.numel() < need:
-            local.scratch = torch.empty(max(need, PIECE_BYTES), dtype=torch.uint8)
+        for name, wanted in (("scratch", True), ("reorder", cl)):
+            if wanted and (getattr(local, name, None) is None or getattr(local, name).numel() < need):
+                setattr(local, name, torch.empty(need, dtype=torch.uint8))
         stage = None
         if t.dtype != out.dtype and t.dtype not in _WIDE and out.dtype not in _WIDE:
             if getattr(local, "stage", None) is None or local.stage.numel() * t.element_size() < need:
-                local.stage = torch.empty(max(need, PIECE_BYTES) // t.element_size(), dtype=torch.float32)
+                local.stage = torch.empty(need // t.element_size(), dtype=torch.float32)
             stage = local.stage
         scratch = local.scratch
         with self._lock:
@@ -142,11 +143,18 @@ class MappedFile:
         view, finite = memoryview(scratch.numpy()), True
         for i in range(0, src.shape[0], per):
             m = min(per, src.shape[0] - i)
-            self._pread(view[:m * row_bytes], off + i * row_bytes)
-            piece = scratch[:m * row_bytes].view(t.dtype).view(m, *row_shape)
+            nb = m * row_bytes
+            self._pread(view[:nb], off + i * row_bytes)
+            piece, o = scratch[:nb].view(t.dtype), dst[i:i + m]
+            if cl:
+                # reorder (O, I, kh, kw) -> (O, kh, kw, I) in the file's dtype first (a plain
+                # gather); the cast after it runs on two dense runs, on torch's fast flat path
+                c, h, w = t.shape[1:]
+                reordered = local.reorder[:nb].view(t.dtype)
+                reordered.view(m, h, w, c).copy_(piece.view(m, c, h, w).permute(0, 2, 3, 1))
+                piece, o = reordered, o.permute(0, 2, 3, 1).view(-1)
             if stage is not None:
-                piece = stage[:piece.numel()].view(piece.shape).copy_(piece)
-            o = dst[i:i + m]
+                piece = stage[:piece.numel()].copy_(piece)
             o.copy_(piece)
             finite = finite and all_finite(o)  # while the piece is still in the cache
         return finite
