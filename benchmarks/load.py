@@ -9,10 +9,12 @@ The files are written once into ``--dir`` (benchmarks/sd15_files.py: single file
 layout, fp16, plus the same weights as a diffusers pipeline folder). Every load runs in its own
 Python process, so each peak is its own: the time is from the loading call until the models are
 ready for the first step (in the asked dtype, on the CPU; ours also channels-last, as
-``load_models`` leaves them), imports excluded; the peak is the process's peak resident set
+``load_models`` leaves them), imports excluded; the CPU time is the user + system time of all the
+process's threads over the same span (steadier than the wall time on a shared machine; page
+faults on fresh memory count as system time); the peak is the process's peak resident set
 (``ru_maxrss``, which counts the pages of a memory-mapped file it touched). Before timing, every
 file is read once so both sides find it in the page cache. Methods run interleaved, ``--repeats``
-rounds; the table gives the median time and the highest peak.
+rounds; the table gives the median time and CPU time and the highest peak.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _cpu_s() -> float:
+    # user + system time of all this process's threads: on a shared machine a steadier measure
+    # of the work done than the wall time (page faults are system time)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _child(method: str, dtype: str, folder: Path) -> dict:
     import torch
 
@@ -45,20 +54,20 @@ def _child(method: str, dtype: str, folder: Path) -> dict:
     if method.startswith("ours"):
         from ctrlnet.generation.bundle import load_models
 
-        before = _peak_mb()
+        before, c0 = _peak_mb(), _cpu_s()
         t0 = time.perf_counter()
         if method == "ours-single":
             m = load_models(str(base), [str(control)], device="cpu", dtype=dtype)
         else:
             m = load_models(str(pipe_dir), device="cpu", dtype=dtype)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
         got = {p.dtype for mod in (m.base.unet, *m.controlnets.values()) for p in mod.parameters()}
     else:
         import diffusers
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
         diffusers.utils.logging.set_verbosity_error()
-        before = _peak_mb()
+        before, c0 = _peak_mb(), _cpu_s()
         t0 = time.perf_counter()
         if method == "diffusers-single":
             # offline: the component configs come from the local pipeline folder (``config=``)
@@ -70,11 +79,11 @@ def _child(method: str, dtype: str, folder: Path) -> dict:
         else:
             pipe = StableDiffusionControlNetPipeline.from_pretrained(str(pipe_dir), torch_dtype=dt,
                                                                      local_files_only=True)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
         got = {p.dtype for mod in (pipe.unet, pipe.controlnet) for p in mod.parameters()}
     if got != {dt}:
         raise SystemExit(f"{method}: parameters came out in {got}, not {dt}")
-    return {"method": method, "dtype": dtype, "seconds": seconds, "peak_mb": _peak_mb(), "before_mb": before}
+    return {"method": method, "dtype": dtype, "seconds": seconds, "cpu_s": cpu, "peak_mb": _peak_mb(), "before_mb": before}
 
 
 def main() -> None:
@@ -106,29 +115,32 @@ def main() -> None:
                     raise SystemExit(f"{method} {dtype} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.setdefault((dtype, method), []).append(r)
-                print(f"  {dtype} {method}: {r['seconds']:.2f} s, peak {r['peak_mb'] / 1024:.2f} GiB "
+                print(f"  {dtype} {method}: {r['seconds']:.2f} s (CPU {r['cpu_s']:.2f} s), peak {r['peak_mb'] / 1024:.2f} GiB "
                       f"(after imports {r['before_mb'] / 1024:.2f})", flush=True)
     import diffusers
     import torch
 
     print(f"\nSD1.5 + ControlNet, fp16 files, torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"{os.cpu_count()} CPUs; median of {args.repeats} (time), max (peak RSS)")
-    print(f"| dtype | method | load s | peak RSS GiB | after imports GiB | time / ours-single | peak / ours-single |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | method | load s | CPU s | peak RSS GiB | after imports GiB | time / ours-single | "
+          "CPU / ours-single | peak / ours-single |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         ref = rows.get((dtype, "ours-single"))
         for method in args.methods:
             rs = rows[(dtype, method)]
             t = statistics.median(r["seconds"] for r in rs)
+            cpu = statistics.median(r["cpu_s"] for r in rs)
             peak = max(r["peak_mb"] for r in rs) / 1024
             before = max(r["before_mb"] for r in rs) / 1024
             if ref:
                 rt = t / statistics.median(r["seconds"] for r in ref)
+                rc = cpu / statistics.median(r["cpu_s"] for r in ref)
                 rp = peak / (max(r["peak_mb"] for r in ref) / 1024)
-                ratio = f"{rt:.2f}x | {rp:.2f}x"
+                ratio = f"{rt:.2f}x | {rc:.2f}x | {rp:.2f}x"
             else:
-                ratio = "- | -"
-            print(f"| {dtype} | {method} | {t:.2f} | {peak:.2f} | {before:.2f} | {ratio} |")
+                ratio = "- | - | -"
+            print(f"| {dtype} | {method} | {t:.2f} | {cpu:.2f} | {peak:.2f} | {before:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

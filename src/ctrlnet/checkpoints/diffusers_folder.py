@@ -178,8 +178,8 @@ def load_diffusers_base(root: Path, dtype: torch.dtype = torch.float32, paramete
     vae = load_into(_meta(lambda: AutoencoderKL(**vae_cfg.kwargs()), root / "vae"),
                     _checked(root / "vae", dv.vae_from_diffusers, vsd), "VAE", root / "vae", dtype=vae_dtype or dtype,
                     sources=vsrc)
-    text = load_into(build_text_encoder(tcfg, device="meta"), tsd, "text encoder", root / "text_encoder",
-                     harmless=HARMLESS_KEYS, dtype=dtype, sources=tsrc)
+    text = load_into(_meta(lambda: build_text_encoder(tcfg, device="meta"), root), tsd, "text encoder",
+                     root / "text_encoder", harmless=HARMLESS_KEYS, dtype=dtype, sources=tsrc)
     return BaseModels(cfg, unet.eval(), vae.eval(), text.eval(), str(root))
 
 
