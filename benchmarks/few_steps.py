@@ -62,7 +62,7 @@ def draw_one(models, row, root: Path, sampler: str, steps: int, cfg: float, seed
 
 @torch.no_grad()
 def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: int, resolution: int,
-         batch: int = 25):
+         batch: int = 25, sigmas: torch.Tensor | None = None, options: dict | None = None):
     """One image per row (uint8 (H, W, 3)), row i with seed ``seed + i``: ``generate()``'s txt2img pass
     (plan, prompts, unit map, noise, sampler, decode) with the rows batched, since the 128-px demo model
     is too small to fill the processor one image at a time. ``--check`` compares it with generate()."""
@@ -77,7 +77,7 @@ def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: i
     from ctrlnet.sampling.schedule import vp_scale
 
     key, _ = resolve_sampler(sampler)
-    images = []
+    given, images = sigmas, []
     for start in range(0, len(rows), batch):
         plans = [make_plan(models, _request(r, root, sampler, steps, cfg, seed + start + i, resolution))
                  for i, r in enumerate(rows[start:start + batch])]
@@ -92,14 +92,14 @@ def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: i
                 for p in plans]  # the map that decides the size is stretched, as in generate()
         unit = control_input(models, p0.unit_nets[0], spec, maps[0], False)
         unit.hint = torch.cat([control_input(models, p0.unit_nets[0], spec, m, False).hint for m in maps])
-        sigmas = p0.sigmas(False, models.schedule)
+        sigmas = p0.sigmas(False, models.schedule) if given is None else given
         noise = ImageNoise([p.seeds[0] for p in plans])
         down = models.base.vae.downscale
         shape = (len(plans), models.base.vae.embed_dim, p0.size[0] // down, p0.size[1] // down)
         x = noise(torch.empty(shape)).to(models.device) / vp_scale(float(sigmas[0]))
         den = Denoiser(models.base.unet, models.schedule, cond.to(models.device), uncond.to(models.device), cfg,
                        [unit], False, sigmas)
-        x = run_sampler(key, den, x, sigmas, generator=noise.generators)
+        x = run_sampler(key, den, x, sigmas, generator=noise.generators, **(options or {}))
         images += decode_images(models, x * vp_scale(float(sigmas[-1])))
     return images
 
