@@ -10,8 +10,9 @@ preset's step count.
 ``fast`` was chosen by ``benchmarks/few_steps.py`` (the table in the README): 10 steps of UniPC
 order 1 on the Karras Min schedule (DDIM steps each corrected by the next prediction, Karras
 spacing at rho 4 ending at the first training sigma as DDIM does) is the 10-step setting closest
-to a 50-step DDIM image of the same seed on the embedded demo model, as close as 20 DDIM steps
-(see the README for the numbers over 50 pairs). It replaced 10 Euler steps (2.86 levels).
+to a 50-step DDIM image of the same seed on the embedded demo model: mean error 0.88 levels over 50
+pairs, against 2.86 for 10 Euler steps (the preset before it), though not as close as 20 DDIM steps
+(0.59).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class SamplingPreset:
 
 PRESETS: dict[str, SamplingPreset] = {
     "fast": SamplingPreset("UniPC order 1", "karras_min", 10,
-                           "10 steps of UniPC order 1 on the Karras Min schedule: as close to a 50-step "
-                           "DDIM image as 20 DDIM steps (benchmarks/few_steps.py)"),
+                           "10 steps of UniPC order 1 on the Karras Min schedule: the 10-step setting nearest "
+                           "a 50-step DDIM image (benchmarks/few_steps.py)"),
 }
 
 
