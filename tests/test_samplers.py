@@ -146,8 +146,8 @@ def test_uniform_sgm_simple_follow_k_diffusion_and_comfyui():
 
 @pytest.mark.parametrize("steps", [1, 4, 10, 25])
 def test_karras_min_is_karras_spacing_ending_where_ddim_ends(steps):
-    # k-diffusion get_sigmas_karras(n=steps + 1, sigma_min, sigma_max, rho=4), transcribed, without its final 0
-    smin, smax, rho = float(SCHED.sigmas[0]), float(SCHED.sigmas[-1]), 4.0
+    # k-diffusion get_sigmas_karras(n=steps + 1, sigma_min, sigma_max, rho=3), transcribed, without its final 0
+    smin, smax, rho = float(SCHED.sigmas[0]), float(SCHED.sigmas[-1]), 3.0
     ramp = np.linspace(0, 1, steps + 1)
     want = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
     got = get_sigmas(SCHED, steps, "karras_min")
