@@ -14,8 +14,12 @@ reference; every setting is then drawn with the same seed through ``ctrlnet.pipe
 - colour IoU, shape IoU, colour error: ``ctrlnet.training.fidelity.circle_score`` of the setting's own
   images (what ``benchmarks/fidelity.py`` reports), so a setting that is close but worse is seen.
 
+``--converged STEPS`` also draws the ODE the reference approximates, solved finely (DPM++ 2M with STEPS
+steps in Karras spacing between the reference's own first and last sigma, so the same start and end), and
+reports every setting's distance to it (``conv err``): how far DDIM 50 itself is from its limit.
+
 The fast preset (:data:`ctrlnet.generation.presets.PRESETS`) is the 10-step setting with the lowest mean
-error (none reached DDIM 20's; see the README). Results go to ``OUT/few_steps.json``.
+error (UniPC order 1 on Karras Min; see the README). Results go to ``OUT/few_steps.json``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_SETTINGS = ("DDIM:20,DDIM:10,UniPC:10,DPM++ 2M Karras:10,DPM++ 2M Uniform:10,Euler:10,"
-                    "UniPC:8,DPM++ 2M Karras:8,DPM++ 2M Karras:12")
+DEFAULT_SETTINGS = ("DDIM:20,DDIM:10,UniPC order 1:10,UniPC:10,DPM++ 2M Karras:10,DPM++ 2M Uniform:10,Euler:10,"
+                    "DPM++ 2M Karras:12,DPM++ 2M Karras:15")
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -62,7 +66,7 @@ def draw_one(models, row, root: Path, sampler: str, steps: int, cfg: float, seed
 
 @torch.no_grad()
 def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: int, resolution: int,
-         batch: int = 25):
+         batch: int = 25, sigmas: torch.Tensor | None = None, options: dict | None = None):
     """One image per row (uint8 (H, W, 3)), row i with seed ``seed + i``: ``generate()``'s txt2img pass
     (plan, prompts, unit map, noise, sampler, decode) with the rows batched, since the 128-px demo model
     is too small to fill the processor one image at a time. ``--check`` compares it with generate()."""
@@ -77,7 +81,7 @@ def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: i
     from ctrlnet.sampling.schedule import vp_scale
 
     key, _ = resolve_sampler(sampler)
-    images = []
+    given, images = sigmas, []
     for start in range(0, len(rows), batch):
         plans = [make_plan(models, _request(r, root, sampler, steps, cfg, seed + start + i, resolution))
                  for i, r in enumerate(rows[start:start + batch])]
@@ -92,14 +96,14 @@ def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: i
                 for p in plans]  # the map that decides the size is stretched, as in generate()
         unit = control_input(models, p0.unit_nets[0], spec, maps[0], False)
         unit.hint = torch.cat([control_input(models, p0.unit_nets[0], spec, m, False).hint for m in maps])
-        sigmas = p0.sigmas(False, models.schedule)
+        sigmas = p0.sigmas(False, models.schedule) if given is None else given
         noise = ImageNoise([p.seeds[0] for p in plans])
         down = models.base.vae.downscale
         shape = (len(plans), models.base.vae.embed_dim, p0.size[0] // down, p0.size[1] // down)
         x = noise(torch.empty(shape)).to(models.device) / vp_scale(float(sigmas[0]))
         den = Denoiser(models.base.unet, models.schedule, cond.to(models.device), uncond.to(models.device), cfg,
                        [unit], False, sigmas)
-        x = run_sampler(key, den, x, sigmas, generator=noise.generators)
+        x = run_sampler(key, den, x, sigmas, generator=noise.generators, **(options or {}))
         images += decode_images(models, x * vp_scale(float(sigmas[-1])))
     return images
 
@@ -133,6 +137,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=Path("runs/few_steps"))
+    ap.add_argument("--converged", type=int, default=0, metavar="STEPS",
+                    help="also compare with the reference's ODE solved in STEPS DPM++ 2M steps (e.g. 120)")
     ap.add_argument("--check", action="store_true",
                     help="first compare the batched path with generate() on two pairs for every setting")
     args = ap.parse_args()
@@ -166,16 +172,32 @@ def main() -> None:
     print(f"reference DDIM {args.reference_steps}: colour IoU {report['reference']['iou']:.3f} "
           f"shape IoU {report['reference']['shape_iou']:.3f} colour error {report['reference']['color_error']:.1f}",
           flush=True)
+    converged = None
+    if args.converged:
+        from ctrlnet.sampling.schedule import get_sigmas
+
+        ends = get_sigmas(models.schedule, args.reference_steps, "ddim")[[0, -1]]
+        ramp = torch.linspace(0, 1, args.converged + 1, dtype=torch.float64)
+        rho = 7.0  # Karras spacing between the reference's own ends
+        fine = (ends[0] ** (1 / rho) + ramp * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
+        fine[0], fine[-1] = ends[0], ends[1]
+        converged = draw(models, rows, root, "DPM++ 2M", args.converged, args.cfg, args.seed, resolution, sigmas=fine)
+        report["reference"]["conv_err"] = errors(reference, converged)["mean_err"]
+        print(f"reference to its ODE solved in {args.converged} DPM++ 2M steps: mean err "
+              f"{report['reference']['conv_err']:.2f}", flush=True)
     print(f"{'setting':<24} {'mean err':>8} {'max err':>8} {'p99 err':>8} {'colour IoU':>10} {'shape IoU':>9} "
-          f"{'colour err':>10}", flush=True)
+          f"{'colour err':>10}" + (f" {'conv err':>8}" if converged is not None else ""), flush=True)
     for name, steps in settings:
         t0 = time.time()
         images = draw(models, rows, root, name, steps, args.cfg, args.seed, resolution)
         r = {"setting": f"{name}:{steps}", "sampler": name, "steps": steps, **errors(images, reference),
              **scores(images, rows), "seconds": round(time.time() - t0, 1)}
+        if converged is not None:
+            r["conv_err"] = errors(images, converged)["mean_err"]
         report["settings"].append(r)
         print(f"{name + ' ' + str(steps):<24} {r['mean_err']:>8.2f} {r['max_err']:>8.2f} {r['p99_err']:>8.1f} "
-              f"{r['iou']:>10.3f} {r['shape_iou']:>9.3f} {r['color_error']:>10.1f}  [{r['seconds']} s]", flush=True)
+              f"{r['iou']:>10.3f} {r['shape_iou']:>9.3f} {r['color_error']:>10.1f}"
+              + (f" {r['conv_err']:>8.2f}" if converged is not None else "") + f"  [{r['seconds']} s]", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "few_steps.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'few_steps.json'}")

@@ -144,6 +144,18 @@ def test_uniform_sgm_simple_follow_k_diffusion_and_comfyui():
         get_sigmas(SCHED, 0, "karras")
 
 
+@pytest.mark.parametrize("steps", [1, 4, 10, 25])
+def test_karras_min_is_karras_spacing_ending_where_ddim_ends(steps):
+    # k-diffusion get_sigmas_karras(n=steps + 1, sigma_min, sigma_max, rho=3), transcribed, without its final 0
+    smin, smax, rho = float(SCHED.sigmas[0]), float(SCHED.sigmas[-1]), 3.0
+    ramp = np.linspace(0, 1, steps + 1)
+    want = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    got = get_sigmas(SCHED, steps, "karras_min")
+    assert got.dtype == torch.float64 and len(got) == steps + 1
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    assert got[0] == SCHED.sigmas[-1] and got[-1] == get_sigmas(SCHED, 20, "ddim")[-1]  # DDIM's last sigma, exactly
+
+
 # --- samplers against diffusers ----------------------------------------------------------------
 
 def test_unipc_karras_equals_diffusers_on_tiny_unet(tiny_unet):
@@ -180,6 +192,41 @@ def test_unipc_orders_and_variants_equal_diffusers(order, variant):
     model = EpsModel(round_t=True)
     got = ours("unipc", model, sig, noise / vp_scale(float(sig[0])), ctx, order=order, variant=variant)
     assert_close(got * vp_scale(float(sig[-1])), theirs(ref, model, noise, ctx))
+
+
+@pytest.mark.parametrize("variant", ["bh2", "bh1"])
+def test_unipc_order_1_equals_diffusers_order_1(variant):
+    # the registry's "UniPC order 1" is diffusers' solver_order=1, ending at sigma_min as Karras Min does
+    noise, ctx = start()
+    ref = diffusers.UniPCMultistepScheduler(**SD_BETAS, solver_order=1, solver_type=variant,
+                                            final_sigmas_type="sigma_min")
+    ref.set_timesteps(10)
+    sig = ref.sigmas.double()
+    model = EpsModel(round_t=True)
+    got = ours("UniPC order 1", model, sig, noise / vp_scale(float(sig[0])), ctx, variant=variant)
+    assert_close(got * vp_scale(float(sig[-1])), theirs(ref, model, noise, ctx))
+
+
+def test_unipc_order_1_on_karras_min_is_the_trapezoid_rule(tiny_unet):
+    """UniC-1 with B(h) = e^-h - 1 (Zhao et al. 2023, bh2, data prediction) after the DDIM predictor,
+    transcribed in sigma space: x' = r x + (1 - r) (m + m') / 2 with r = s'/s, m' the prediction at the
+    DDIM point r x + (1 - r) m (one model call a step); the last step is the DDIM step alone."""
+    noise, ctx = start((1, 4, 8, 8), seed=4)
+    model = EpsModel(tiny_unet)
+    sig = get_sigmas(SCHED, 6, resolve_sampler("UniPC order 1")[1])
+    den = Denoiser(model, SCHED, ctx, sigmas=sig)
+    s = [float(v) for v in sig]
+    x = noise / vp_scale(s[0])
+    m = den(x, torch.full((1,), s[0], dtype=torch.float64))
+    for i in range(len(s) - 1):
+        r = s[i + 1] / s[i]
+        pred = r * x + (1 - r) * m
+        if i == len(s) - 2:
+            x = pred
+            break
+        m_next = den(pred, torch.full((1,), s[i + 1], dtype=torch.float64))
+        x, m = r * x + (1 - r) * (m + m_next) / 2, m_next
+    assert_close(ours("UniPC order 1", model, sig, noise / vp_scale(s[0]), ctx), x)
 
 
 def test_unipc_default_schedule_equals_diffusers_on_its_sigmas():
@@ -394,6 +441,9 @@ A1111_NAMES = {
     "  dpm++  2m   karras ": ("dpmpp_2m", "karras"), "k_euler_a": ("euler_a", "uniform"),
     "k_dpmpp_2m_ka": ("dpmpp_2m", "karras"), "dpmpp_2m": ("dpmpp_2m", "karras"), "euler_a": ("euler_a", "uniform"),
     "ddim": ("ddim", "ddim"), "Euler Normal": ("euler", "uniform"), "Euler Simple": ("euler", "simple"),
+    "UniPC order 1": ("unipc_1", "karras_min"), "unipc_1": ("unipc_1", "karras_min"),
+    "UniPC order 1 Karras": ("unipc_1", "karras"), "Euler Karras Min": ("euler", "karras_min"),
+    "UniPC Karras Min": ("unipc", "karras_min"),
 }
 
 

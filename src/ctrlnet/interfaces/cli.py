@@ -124,7 +124,7 @@ def add_request_args(p: argparse.ArgumentParser) -> None:
                    help="a sampler as A1111 names it (\"Euler a\", \"DPM++ 2M Karras\", UniPC, LCM...) or a key "
                         "(ddim, euler_a...); default: the preset's, else ddim")
     p.add_argument("--schedule", default=None,
-                   help="karras, exponential, uniform, sgm_uniform, simple, ddim, lcm; None: the sampler's")
+                   help="karras, karras_min, exponential, uniform, sgm_uniform, simple, ddim, lcm; None: the sampler's")
     p.add_argument("--clip-skip", type=int, default=1, help="1 or 2")
 
 

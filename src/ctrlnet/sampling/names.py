@@ -6,7 +6,8 @@ label, optionally followed by a schedule label ("DPM++ 2M SDE Karras"); case and
 do not matter. A sampler without a schedule gets its default, which is A1111's "Automatic": the
 sampler's own schedule where A1111 gives it one (Karras for DPM++ 2M and DPM++ SDE, Exponential
 for DPM++ 2M SDE), else Uniform; DDIM keeps the original DDIM steps, UniPC SGM Uniform (the
-spacing of diffusers' default), LCM the LCM authors' steps.
+spacing of diffusers' default), LCM the LCM authors' steps. "UniPC order 1" and the "Karras Min"
+schedule (its default) are ours, not A1111's: the ``fast`` preset (``ctrlnet.generation.presets``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SAMPLER_LABELS: dict[str, str] = {
     "lcm": "LCM",
     "ddim": "DDIM",
     "unipc": "UniPC",
+    "unipc_1": "UniPC order 1",
 }
 
 # other spellings users and old infotexts use (A1111's aliases, ComfyUI's keys where they agree)
@@ -48,6 +50,7 @@ COMBINED_ALIASES: dict[str, tuple[str, str]] = {
 SCHEDULE_LABELS: dict[str, str] = {
     "uniform": "Uniform",
     "karras": "Karras",
+    "karras_min": "Karras Min",
     "exponential": "Exponential",
     "sgm_uniform": "SGM Uniform",
     "simple": "Simple",
@@ -60,7 +63,8 @@ AUTOMATIC = "automatic"
 # Samplers whose bare A1111 label names one schedule in every A1111 version. Before 1.9 a bare
 # "DPM++ 2M" meant Uniform; 1.9 made Karras its default, so that name is written with its schedule.
 _LABEL_FIXES_SCHEDULE = {"euler_a": "uniform", "euler": "uniform", "lms": "uniform", "heun": "uniform",
-                         "ddim": "ddim", "unipc": "sgm_uniform", "lcm": "lcm"}
+                         "ddim": "ddim", "unipc": "sgm_uniform", "lcm": "lcm",
+                         "unipc_1": "karras_min"}  # ours: no A1111 version has it
 
 
 def _norm(name: str) -> str:

@@ -350,6 +350,19 @@ def sample_unipc(denoiser, x, sigmas, extra_args=None, callback: Callback | None
     return x
 
 
+def sample_unipc_1(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
+                   variant: str = "bh2"):
+    """UniPC with the first-order predictor: :func:`sample_unipc` at ``order=1`` (diffusers'
+    ``UniPCMultistepScheduler(solver_order=1)``). Each step is a DDIM step, corrected once the
+    next prediction is known: with bh2, ``x_next = (s'/s) x + (1 - s'/s) (m + m') / 2``, the
+    trapezoid rule on the two predictions ``m`` (at x) and ``m'`` (at the DDIM-predicted point;
+    no extra model call). Second order at one model call a step, with no extrapolation from
+    older steps, which is what made order 2 and 3 (and DPM++ 2M, LMS) drift on the guided demo
+    model (README, "Fewer steps"). The last step is the DDIM step (nothing left to correct it).
+    """
+    return sample_unipc(denoiser, x, sigmas, extra_args, callback, order=1, variant=variant)
+
+
 @torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, extra_args=None, callback: Callback | None = None, *,
                noise_sampler: NoiseSampler | None = None):
@@ -460,6 +473,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc": SamplerSpec(sample_unipc, {"order": Option(2, 1, 3, help="predictor order"),
                                         "variant": Option("bh2", choices=("bh1", "bh2"))},
                          schedule="sgm_uniform", description="UniPC, as diffusers' UniPCMultistepScheduler"),
+    "unipc_1": SamplerSpec(sample_unipc_1, {"variant": Option("bh2", choices=("bh1", "bh2"))},
+                           schedule="karras_min",
+                           description="UniPC order 1: DDIM steps each corrected by the next prediction"),
     "lcm": SamplerSpec(sample_lcm, {"noise": _noise_option("gaussian")}, schedule="lcm",
                        description="LCM (for LCM-distilled weights and LCM-LoRA)"),
 }

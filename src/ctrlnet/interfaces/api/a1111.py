@@ -268,7 +268,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         for key, label in SCHEDULE_LABELS.items():
             aliases = [a for a, k in SCHEDULE_ALIASES.items() if k == key] or None
             rows.append({"name": key, "label": label, "aliases": aliases,
-                         "default_rho": 7.0 if key == "karras" else -1, "need_inner_model": False})
+                         "default_rho": {"karras": 7.0, "karras_min": 3.0}.get(key, -1), "need_inner_model": False})
         return rows
 
     @r.get("/sdapi/v1/sd-models", responses=_errors(401))

@@ -80,8 +80,8 @@ class GenerateBody(BaseModel):
     guidance_scale: Optional[float] = Field(None, description="CFG scale; null = the model's, else 9")
     seed: int = Field(-1, description="-1 = random; the seeds used are returned")
     eta: Optional[float] = Field(None, description="null = the sampler's (DDIM 0, ancestral/SDE samplers 1)")
-    preset: Optional[str] = Field(None, description="sampler, schedule and steps by name (\"fast\": 10 Euler "
-                                                    "steps); the fields given here win")
+    preset: Optional[str] = Field(None, description="sampler, schedule and steps by name (\"fast\": 10 steps "
+                                                    "of UniPC order 1, Karras Min); the fields given here win")
     sampler: Optional[str] = Field(None, description="a key or an A1111 name: \"Euler a\", \"DPM++ 2M Karras\", "
                                                      "\"UniPC\"...; null = the preset's, else DDIM")
     schedule: Optional[str] = Field(None, description="null = the one in the sampler name, else the sampler's")
