@@ -412,3 +412,19 @@ def test_login_from_the_auth_file(models, tmp_path):
             assert c.get("/config").status_code == 200
     finally:
         app.close()
+
+
+def test_the_preset_menu_fills_the_sampler_menus_with_the_preset():
+    from ctrlnet.generation.presets import PRESETS, apply_preset
+    from ctrlnet.interfaces.webui.generate_tab import build_requests, preset_menu_values
+    from ctrlnet.sampling.names import resolve_sampler
+
+    for name in PRESETS:
+        sampler, schedule, steps = preset_menu_values(name)
+        req = build_requests("txt2img", _settings(sampler=sampler, schedule=schedule, steps=steps), [])
+        want = apply_preset({"sampler": None, "schedule": None, "steps": None}, name)  # what the CLI and API take
+        assert resolve_sampler(req.sampler, req.schedule) == resolve_sampler(want["sampler"], want["schedule"])
+        assert req.steps == want["steps"]
+    assert preset_menu_values("fast")[0] == "UniPC order 1"
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_menu_values("slowest")

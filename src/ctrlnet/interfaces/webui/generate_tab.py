@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
+from ctrlnet.generation.presets import PRESETS, get_preset
 from ctrlnet.generation.preview import cheap_preview
 from ctrlnet.generation.request import MAX_SEED
 from ctrlnet.interfaces.webui.messages import error, read_upload
@@ -44,6 +45,17 @@ _FIELDS = {
     "img2img": _COMMON + ("denoising_strength",),
     "inpaint": _COMMON + ("denoising_strength", "mask_blur", "inpaint_fill", "only_masked", "only_masked_padding"),
 }
+
+
+def preset_menu_values(name: str) -> tuple[str, str, int]:
+    """A preset (``ctrlnet.generation.presets``) as the sampler and schedule menus name it, and its
+    steps: ("UniPC order 1", "Karras Min", 10) for ``fast``. ValueError for an unknown preset."""
+    from ctrlnet.sampling.names import SAMPLER_LABELS, SCHEDULE_LABELS, resolve_sampler
+
+    p = get_preset(name)
+    key, sched = resolve_sampler(p.sampler, p.schedule)
+    auto = resolve_sampler(SAMPLER_LABELS[key])[1]
+    return SAMPLER_LABELS[key], "Automatic" if sched == auto else SCHEDULE_LABELS[sched], p.steps
 
 
 @dataclass
@@ -231,6 +243,9 @@ class GenerateTab:
                                                     elem_id=f"{m}-schedule")
                         s["steps"] = gr.Slider(1, MAX_STEPS, value=int(defaults["steps"]), step=1,
                                                label="Sampling steps", elem_id=f"{m}-steps")
+                        # fills the three menus above (the request carries what they then say)
+                        self.preset = gr.Dropdown([("none", "")] + [(k, k) for k in sorted(PRESETS)], value="",
+                                                  label="Preset", elem_id=f"{m}-preset", scale=0, min_width=120)
                     if mode == "txt2img":
                         with gr.Accordion("Hires. fix", open=False, elem_id=f"{m}-hires"):
                             s["hires_enabled"] = gr.Checkbox(False, label="Enable hires. fix",
@@ -364,6 +379,9 @@ class GenerateTab:
         # not queued: it must get through while the run holds the queue's one slot
         self.interrupt_btn.click(on_interrupt, None, None, api_name=f"interrupt_{self.mode}"
                                  if self.mode != "txt2img" else "interrupt", queue=False)
+        self.preset.change(lambda name: [gr.update(value=v) for v in preset_menu_values(name)] if name
+                           else [gr.update()] * 3, self.preset, [s["sampler"], s["schedule"], s["steps"]],
+                           api_visibility="private", queue=False)
         self.random_btn.click(lambda: -1, None, s["seed"], api_visibility="private", queue=False)
         self.reuse_btn.click(lambda v: -1 if v is None else int(v), self.last_seed, s["seed"],
                              api_visibility="private", queue=False)
