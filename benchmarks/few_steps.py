@@ -77,7 +77,7 @@ def draw(models, rows, root: Path, sampler: str, steps: int, cfg: float, seed: i
     from ctrlnet.generation.request import ResizeMode
     from ctrlnet.sampling.denoiser import Denoiser
     from ctrlnet.sampling.names import resolve_sampler
-    from ctrlnet.sampling.samplers import run_sampler
+    from ctrlnet.sampling.registry import run_sampler
     from ctrlnet.sampling.schedule import vp_scale
 
     key, _ = resolve_sampler(sampler)

@@ -28,7 +28,7 @@ from ctrlnet.sampling.denoiser import Denoiser
 from ctrlnet.sampling.names import (SAMPLER_LABELS, a1111_name, resolve_sampler, sampler_names,
                                     schedule_names)
 from ctrlnet.sampling.noise import make_noise_sampler, randn_like
-from ctrlnet.sampling.samplers import SAMPLERS, check_options, run_sampler
+from ctrlnet.sampling.registry import SAMPLERS, check_options, run_sampler
 from ctrlnet.sampling.schedule import SCHEDULES, DiscreteSchedule, get_sigmas, lcm_timesteps, vp_scale
 from helpers import randomize_
 

@@ -8,7 +8,8 @@ from ctrlnet.config import TINY_SD1, ScheduleConfig
 from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser, control_scales
-from ctrlnet.sampling.samplers import run_sampler, sample_ddim, sample_euler
+from ctrlnet.sampling.registry import run_sampler
+from ctrlnet.sampling.samplers import sample_ddim, sample_euler
 from ctrlnet.sampling.schedule import DiscreteSchedule, ddim_sigmas, ddim_timesteps, vp_scale
 from helpers import randomize_
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import gradient_photo as _photo
+
 gr = pytest.importorskip("gradio")
 
 
@@ -29,15 +31,6 @@ def colorizer():
     from ctrlnet.colorize.reference import load_colorizer_models
 
     return load_colorizer_models("random:tiny-sd1", "random", device="cpu", dtype="fp32")
-
-
-def _photo(h=64, w=64) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = (x * 255 // w).astype(np.uint8)
-    img[..., 2] = (y * 255 // h).astype(np.uint8)
-    img[h // 4:3 * h // 4, w // 3:2 * w // 3] = 240
-    return img
 
 
 def _settings(**kw) -> dict:

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import gradient_photo as _photo
+
 gr = pytest.importorskip("gradio")
 
 SHOTS = Path(os.environ.get("CTRLNET_SCREENSHOTS", "/tmp/webui_shots"))
@@ -180,15 +182,6 @@ def _map(size=64, shape="circle", at=(0.5, 0.5)) -> np.ndarray:
     else:
         cv2.rectangle(m, (c[0] - size // 5, c[1] - size // 5), (c[0] + size // 5, c[1] + size // 5), (255, 255, 255), 2)
     return m
-
-
-def _photo(h=64, w=64) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = (x * 255 // w).astype(np.uint8)
-    img[..., 2] = (y * 255 // h).astype(np.uint8)
-    img[h // 4:3 * h // 4, w // 3:2 * w // 3] = 240
-    return img
 
 
 def _save(arr, path) -> Path:

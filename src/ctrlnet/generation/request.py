@@ -253,7 +253,7 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise ValueError("mask needs an init_image to inpaint")
         from ctrlnet.sampling.names import resolve_sampler
-        from ctrlnet.sampling.samplers import check_options
+        from ctrlnet.sampling.registry import check_options
 
         key, _ = resolve_sampler(self.sampler, self.schedule)
         check_options(key, {} if self.eta is None else {"eta": self.eta})

@@ -28,7 +28,7 @@ from ctrlnet.models.patching import apply_loras
 from ctrlnet.runtime.device import offload
 from ctrlnet.sampling.denoiser import Denoiser, TiledDenoiser
 from ctrlnet.sampling.names import resolve_sampler
-from ctrlnet.sampling.samplers import SAMPLERS, run_sampler
+from ctrlnet.sampling.registry import SAMPLERS, run_sampler
 from ctrlnet.sampling.schedule import vp_scale
 
 Progress = Callable[[int, int], None]

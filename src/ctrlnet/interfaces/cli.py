@@ -157,9 +157,6 @@ class PerControl(argparse.Action):
     index), or, given before the first ``--control`` (key -1), to every control. The namespace
     holds ``{key: value}``; the same flag twice for one control is an error naming both."""
 
-    def __init__(self, option_strings, dest, default=None, **kw):
-        super().__init__(option_strings, dest, default=default, **kw)
-
     def __call__(self, parser, namespace, values, option_string=None):
         controls = getattr(namespace, "control", None) or []
         key = len(controls) - 1

@@ -5,7 +5,7 @@ Samplers follow k-diffusion's convention: ``x = z / sqrt(alpha_bar)`` lives in "
 """
 
 from ctrlnet.sampling.names import a1111_name, resolve_sampler, sampler_names, schedule_names
-from ctrlnet.sampling.samplers import SAMPLERS, SamplerSpec, get_sampler, run_sampler
+from ctrlnet.sampling.registry import SAMPLERS, SamplerSpec, get_sampler, run_sampler
 from ctrlnet.sampling.schedule import SCHEDULES, DiscreteSchedule, get_sigmas
 
 __all__ = ["SAMPLERS", "SCHEDULES", "DiscreteSchedule", "SamplerSpec", "a1111_name", "get_sampler", "get_sigmas",

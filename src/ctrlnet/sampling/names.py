@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ctrlnet.sampling.samplers import SAMPLERS
+from ctrlnet.sampling.registry import SAMPLERS
 from ctrlnet.sampling.schedule import SCHEDULES
 
 # key -> A1111 label (the name written in infotexts), in A1111's menu order

@@ -9,6 +9,7 @@ grad scaler, global RNG states and step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -33,6 +34,7 @@ from ctrlnet.training.models import (
     select_trainable,
     set_gradient_checkpointing,
 )
+from ctrlnet.training.previews import write_preview
 from ctrlnet.training.resume_settings import ResumeRefused
 from ctrlnet.training.run_start import RunStart, plan_run
 
@@ -429,7 +431,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 g = torch.Generator().manual_seed(derived_seed(cfg.seed, step, micro, rank))
                 inputs = prepare_inputs(batch, g)
                 sync = micro == cfg.grad_accum - 1
-                ctx = accelerator.no_sync(objective) if not sync else _nullcontext()
+                ctx = accelerator.no_sync(objective) if not sync else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
                     loss = objective(*inputs)
                     accelerator.backward(loss / cfg.grad_accum)
@@ -463,7 +465,8 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt_path = save(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and main and preview_batch is not None:
-                write_preview(models, preview_batch, cfg, run_dir / "samples" / f"step-{step:08d}.png")
+                write_preview(models, preview_batch, cfg.mode, cfg.sample_steps, cfg.only_mid_control, cfg.seed,
+                              run_dir / "samples" / f"step-{step:08d}.png")
     bar.close()
     if steps_this_run and (not cfg.checkpoint_every or step % cfg.checkpoint_every != 0):
         ckpt_path = save(step)
@@ -474,31 +477,6 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                   flush=True)
     return TrainResult(step, last_loss, run_dir, ckpt_path, skipped_total, losses,
                        ema.state_dict()["shadow"] if ema is not None else None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def write_preview(models: TrainModels, batch: dict, cfg: TrainConfig, path) -> Path:
-    """Sample grid for ``batch`` (see :func:`ctrlnet.training.previews.sample_grid`)."""
-    from ctrlnet.image import save_image
-    from ctrlnet.training.previews import sample_grid
-
-    was = {k: m.training for k, m in models.modules().items()}
-    for m in models.modules().values():
-        m.eval()
-    try:
-        img = sample_grid(models, batch, cfg.mode, cfg.sample_steps, only_mid_control=cfg.only_mid_control,
-                          seed=cfg.seed)
-    finally:
-        for k, m in models.modules().items():
-            m.train(was[k])
-    return save_image(img, path)
 
 
 def export_result(models: TrainModels, cfg: TrainConfig, path, use_ema: bool = True,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ctrlnet.sampling.denoiser import ControlInput, Denoiser
-from ctrlnet.sampling.samplers import get_sampler
+from ctrlnet.sampling.registry import get_sampler
 from ctrlnet.sampling.schedule import DiscreteSchedule, ddim_sigmas
 
 
@@ -79,3 +79,19 @@ def sample_grid(models, batch: dict, mode: str, steps: int = 20, guidance_scale:
         rows.append(to_uint8(vae.decode(mean.to(vdev).float() * vae.scale_factor)))
     rows.append(pred)
     return grid(rows)
+
+
+def write_preview(models, batch: dict, mode: str, steps: int, only_mid_control: bool, seed: int, path):
+    """Save :func:`sample_grid` for ``batch`` as a PNG at ``path`` (the modules sample in eval mode
+    and get their train/eval state back after). Returns the path written."""
+    from ctrlnet.image import save_image
+
+    was = {k: m.training for k, m in models.modules().items()}
+    for m in models.modules().values():
+        m.eval()
+    try:
+        img = sample_grid(models, batch, mode, steps, only_mid_control=only_mid_control, seed=seed)
+    finally:
+        for k, m in models.modules().items():
+            m.train(was[k])
+    return save_image(img, path)

@@ -53,6 +53,12 @@ def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorBody if c in (401, 413) else A1111Error, "description": _WORDS[c]} for c in codes}
 
 
+def _query_flag(request: Request, name: str) -> bool:
+    """A query flag read as a browser form would send it: 1/true/yes/on, anything else is no (a
+    malformed flag is not a validation error, as A1111's routes are forgiving here)."""
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
 def short_hash(label: str) -> str:
     """An 8-hex-digit id for a model that has no file to hash (a folder, the embedded or a random
     model), from its public name: stable and distinct."""
@@ -218,8 +224,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
         a live preview of the last step's x0 estimate (A1111's "Approx cheap": latent resolution,
         the batch as a grid, base64 PNG), null before the first step or with
         ``?skip_current_image=true`` (read by hand like ``alias_names``: a malformed flag means no)."""
-        flag = request.query_params.get("skip_current_image", "").lower()
-        skip_current_image = flag in ("1", "true", "yes", "on")
+        skip_current_image = _query_flag(request, "skip_current_image")
         job = ctx.queue.current()
         out = _progress_state(job, labels.get(job.id) if job is not None else None)
         x0 = job.preview if job is not None else None
@@ -249,7 +254,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     @r.get("/sdapi/v1/samplers", responses=_errors(401))
     def samplers() -> list[dict]:
         from ctrlnet.sampling.names import COMBINED_ALIASES, SAMPLER_ALIASES, SAMPLER_LABELS
-        from ctrlnet.sampling.samplers import sampler_spec
+        from ctrlnet.sampling.registry import sampler_spec
 
         out = []
         for key, label in SAMPLER_LABELS.items():
@@ -318,7 +323,7 @@ def router_for(ctx: ServiceContext) -> APIRouter:
     def cn_module_list(request: Request) -> dict:
         """``?alias_names=true`` for the UI labels. (Query flags are read by hand, so a malformed one
         means "no" as in a browser form, rather than a validation error.)"""
-        alias_names = request.query_params.get("alias_names", "").lower() in ("1", "true", "yes", "on")
+        alias_names = _query_flag(request, "alias_names")
         return {"module_list": a1111_modules.module_list(alias_names),
                 "module_detail": a1111_modules.module_detail(alias_names)}
 

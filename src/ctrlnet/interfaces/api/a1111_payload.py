@@ -181,7 +181,7 @@ def _settings(over, catalog: Catalog, ignored: dict) -> tuple[int, bool]:
 
 def _sampler(d: dict, ignored: dict) -> tuple[str, str | None, float | None]:
     from ctrlnet.sampling.names import resolve_sampler
-    from ctrlnet.sampling.samplers import sampler_spec
+    from ctrlnet.sampling.registry import sampler_spec
 
     name = d.get("sampler_name") or d.get("sampler_index") or "Euler"
     sched = d.get("scheduler")

@@ -25,7 +25,7 @@ def _bounds(schemas: dict, ctx) -> None:
     from ctrlnet.annotators import list_annotators
     from ctrlnet.generation.presets import PRESETS
     from ctrlnet.sampling.names import SAMPLER_ALIASES, sampler_names, schedule_names
-    from ctrlnet.sampling.samplers import SAMPLERS
+    from ctrlnet.sampling.registry import SAMPLERS
     from ctrlnet.sampling.schedule import SCHEDULES
 
     lim = ctx.limits
