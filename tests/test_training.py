@@ -386,6 +386,34 @@ def test_cli_data_commands(tmp_path, capsys):
     assert "target/1.png" in out and "2 of 3 examples are readable" in out
 
 
+def test_prompt_json_with_other_field_names_is_refused_before_training(fill, tmp_path, capsys):
+    """A prompt.json written with other column names (diffusers' image/conditioning_image, the
+    items' hint/jpg) stops `ctrlnet train` at the first bad line, 1-based, naming the fields the
+    row has, before any model loads or run folder is made; it used to skip every row with a
+    warning each and end in a DataLoader traceback after the models had loaded."""
+    from ctrlnet.interfaces.cli import main
+
+    rows = read_jsonl(fill / "prompt.json")
+    lines = [json.dumps({"source": str(fill / r["source"]), "target": str(fill / r["target"]),
+                         "prompt": r["prompt"]}) for r in rows[:3]]
+    lines.insert(1, "")  # blank lines do not shift the line numbers reported
+    lines[2] = json.dumps({"hint": "source/1.png", "jpg": "target/1.png", "prompt": "x"})
+    (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        prompt_json_dataset(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'prompt.json'}:3: no 'source' or 'target' field (has 'hint', 'jpg', "
+                            "'prompt'); every row needs 'source', 'target'")
+    (tmp_path / "prompt.json").write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"prompt\.json:2: a row must be a JSON object .* got list"):
+        prompt_json_dataset(tmp_path)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path), "--base", "random:tiny-sd1", "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt.json:2: a row must be a JSON object" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_ema_resumed_state_goes_where_the_parameters_live():
     """Checkpoints load onto the CPU; a resumed EMA must follow the parameters to their device
     (on CUDA the first update after a resume otherwise fails with a device mismatch)."""

@@ -157,7 +157,11 @@ def prompt_json_dataset(root, **kwargs) -> PairDataset:
     pj = root / "prompt.json" if root.is_dir() else root
     if not pj.is_file():
         raise DataError(f"no prompt.json at {pj}")
-    return PairDataset(read_jsonl(pj), pj.parent, name=str(pj), **kwargs)
+    try:
+        rows = read_jsonl(pj, required=("source", "target"))
+    except ValueError as e:  # a malformed line or a row without the fields, named by line number
+        raise DataError(str(e)) from None
+    return PairDataset(rows, pj.parent, name=str(pj), **kwargs)
 
 
 def imagefolder_dataset(root, image_column: str = "image", conditioning_image_column: str = "conditioning_image",
