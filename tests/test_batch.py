@@ -41,7 +41,7 @@ def test_outputs_records_seeds_and_resume(tmp_path, capsys):
     out = tmp_path / "out"
     assert _batch(inp, out) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["m0.control0.png", "m0.png", "m1.control0.png", "m1.png"]
+    assert names == [".ctrlnet-batch.json", "m0.control0.png", "m0.png", "m1.control0.png", "m1.png"]
     rec = json.loads(Image.open(out / "m1.png").info["ctrlnet"])
     assert rec["request"]["seed"] == item_seed(7, "m1.jpg") == (7 + zlib.crc32(b"m1.jpg")) % 2**32
     assert rec["request"]["steps"] == 2 and rec["control_maps"] == ["m1.control0.png"]
@@ -68,6 +68,43 @@ def test_outputs_records_seeds_and_resume(tmp_path, capsys):
     assert (out / "m0.png").stat().st_mtime == 1  # untouched
     assert (out / "m1.png").read_bytes() == first["m1.png"]  # the same image again
     assert not dead.exists() and live.read_bytes() == b"partial"
+
+
+def test_rerun_with_other_settings_is_refused_not_reported_done(tmp_path, capsys, monkeypatch):
+    """A rerun with another prompt used to skip every finished image and print "2 of 2 already
+    done": the folder then held images of the old prompt as if they were the new job's. It is
+    refused before models load, naming each setting with both values; --overwrite moves the old
+    images aside; a rerun with the same settings still finishes the job."""
+    import ctrlnet.interfaces.model_args as model_args
+
+    inp, out = _inputs(tmp_path / "in", n=2), tmp_path / "out"
+    assert _batch(inp, out) == 0
+    first = (out / "m0.png").read_bytes()
+    (out / "m1.png").unlink()
+    real_load = model_args.load_named
+
+    def no_load(*a, **k):
+        raise AssertionError("models loaded before the job was checked")
+
+    monkeypatch.setattr(model_args, "load_named", no_load)
+    capsys.readouterr()
+    assert _batch(inp, out, "--prompt", "a square", "--steps", "3") == 2
+    err = capsys.readouterr().err
+    assert (f"{out} holds an earlier batch (1 images made with other settings (prompt: now 'a square', recorded "
+            "'a ring'; steps: now 3, recorded 2)); rerun with the recorded settings to finish it, choose another "
+            "--out, or pass --overwrite to move it aside and start over") in err
+    assert sorted(p.name for p in out.iterdir()) == [".ctrlnet-batch.json", "m0.control0.png", "m0.png",
+                                                     "m1.control0.png"]
+    # how it runs is not a setting: another device string or dtype, or no progress bar, continues
+    monkeypatch.setattr(model_args, "load_named", real_load)
+    assert _batch(inp, out, "--dtype", "fp32") == 0
+    assert "1 of 2 already done; wrote 1" in capsys.readouterr().out
+    assert _batch(inp, out, "--prompt", "a square", "--overwrite") == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
+    assert len(moved) == 1 and (moved[0] / "m0.png").read_bytes() == first
+    assert "0 of 2 already done; wrote 2" in capsys.readouterr().out
+    rec = json.loads(Image.open(out / "m0.png").info["ctrlnet"])
+    assert rec["request"]["prompt"] == "a square"
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "same_as_input", "unwritable", "clash", "n", "seed"])
@@ -160,7 +197,7 @@ def test_two_processes_write_exactly_the_files_one_process_does(tmp_path, capsys
     mp.spawn(_worker, args=(2, free_port(), str(inp), str(tmp_path / "two")), nprocs=2, join=True)
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
-    assert sorted(one) == sorted(two) and len(one) == 6
+    assert sorted(one) == sorted(two) and len(one) == 7  # 3 images, 3 maps, the job's settings
     for name in one:
         assert one[name] == two[name], name  # byte-equal PNGs, text chunks included
     # the work was split: each process made its own items (3 items -> 2 + 1), none twice
