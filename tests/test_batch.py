@@ -107,6 +107,28 @@ def test_rerun_with_other_settings_is_refused_not_reported_done(tmp_path, capsys
     assert rec["request"]["prompt"] == "a square"
 
 
+def test_hires_batch_image_is_made_again_from_its_record(tmp_path):
+    """With hires fix the batch keeps each input as NAME.control0.source.png (transparency on black,
+    as a ready-made map is read), so `generate --from-png` makes the same image; from the
+    128-px map alone it was 1 level off (that map resized to 64 px is not the input fitted to it)."""
+    inp = _inputs(tmp_path / "in", n=1)
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    cv2.circle(rgba, (30, 30), 14, (255, 255, 255, 255), 3)  # strokes on transparent
+    cv2.imwrite(str(inp / "m0.png"), rgba)
+    out = tmp_path / "out"
+    assert _batch(inp, out, "--hires-scale", "2", "--width", "64", "--height", "64",
+                  "--hires-denoising-strength", "0.6") == 0
+    rec = json.loads(Image.open(out / "m0.png").info["ctrlnet"])
+    assert rec["control_sources"] == {"0": "m0.control0.source.png"}
+    saved = np.asarray(Image.open(out / "m0.control0.source.png"))
+    assert saved.shape == (64, 64, 3) and saved[0, 0].tolist() == [0, 0, 0] and saved.max() == 255
+    assert main(["generate", "--from-png", str(out / "m0.png"), "--out", str(tmp_path / "again"), *MODEL_ARGS]) == 0
+    seed = item_seed(7, "m0.png")
+    again = np.asarray(Image.open(tmp_path / "again" / f"{seed}_0.png")).astype(int)
+    first = np.asarray(Image.open(out / "m0.png")).astype(int)
+    assert first.shape == (128, 128, 3) and np.abs(again - first).max() == 0
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "same_as_input", "unwritable", "clash", "n", "seed"])
 def test_bad_inputs_fail_before_models_load(tmp_path, capsys, monkeypatch, case):
     import ctrlnet.interfaces.model_args as model_args

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 MAP_SUFFIX = ".control0.png"  # next to OUT/NAME.png: the control map that --from-png reads back
+SOURCE_SUFFIX = ".control0.source.png"  # with hires fix: the input, made into the maps again on rerun
 JOB_RECORD = ".ctrlnet-batch.json"  # in OUT: the settings its images were made with
 # flags that change how a job runs, not what it makes (a rerun may change them freely)
 _NOT_SETTINGS = {"func", "out", "no_progress", "device", "dtype", "low_vram", "compile", "overwrite"}
@@ -136,7 +137,7 @@ def _cmd_batch(args) -> int:
     from ctrlnet.image import load_image, save_image
     from ctrlnet.interfaces.cli import _request_from_args
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
-    from ctrlnet.interfaces.outputs import check_output_dir, result_chunks
+    from ctrlnet.interfaces.outputs import check_output_dir, result_chunks, source_picture, source_units
     from ctrlnet.pipeline import generate
     from ctrlnet.training.run_folder import write_job_record
 
@@ -146,7 +147,7 @@ def _cmd_batch(args) -> int:
         return _batch_video(args)
     if args.reference or args.colorizer:
         raise ValueError("--reference/--colorizer go with a video input")
-    items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX,))
+    items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX, SOURCE_SUFFIX))
     settings = job_settings(args)
     claim = check_job(Path(args.out).expanduser(), settings, len(items) - len(pending(items)), args.overwrite)
     state = _process_state(args.device)
@@ -183,10 +184,13 @@ def _cmd_batch(args) -> int:
                 result = generate(loaded.models, req)
                 map_name = item.source.stem + MAP_SUFFIX
                 save_image(result.control_maps[0], out / map_name)
+                sources = {}
+                if source_units(req):  # hires fix: the map of one pass cannot stand for both
+                    sources[0] = save_image(source_picture(req.controls[0]), out / (item.source.stem + SOURCE_SUFFIX)).name
                 # the image last: it marks the item finished
                 save_image(result.images[0], item.output,
                            result_chunks(result, loaded.base, loaded.controlnets, loaded.dtype_name, [map_name],
-                                         vae=loaded.vae, extras=extra))
+                                         vae=loaded.vae, extras=extra, control_sources=sources))
                 bar.update(1)
     if state is not None:
         state.wait_for_everyone()
