@@ -414,6 +414,41 @@ def test_prompt_json_with_other_field_names_is_refused_before_training(fill, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_mixed_image_sizes_without_resolution_name_the_fix(fill, tmp_path, capsys):
+    """A data set with images of two sizes, trained without --resolution (each example keeps its
+    own size) and a batch of more than one, failed in a loader worker with torch's "stack expects
+    each tensor to be equal size"; the batch now says what is wrong and the two ways to train on it."""
+    from ctrlnet.interfaces.cli import main
+
+    rows = read_jsonl(fill / "prompt.json")[:2]
+    for i, r in enumerate(rows):
+        for k in ("source", "target"):
+            img = load_image(fill / r[k])
+            r[k] = f"{k}{i}.png"
+            save_image(np.repeat(np.repeat(img, 2, 0), 2, 1) if i else img, tmp_path / r[k])  # 64 and 128 px
+    (tmp_path / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = prompt_json_dataset(tmp_path, random_crop=False)
+    with pytest.raises(DataError) as e:
+        collate([ds[0], ds[1]])
+    assert str(e.value) == ("the examples of one batch differ in size (jpg: 64x64 and 128x128); the data set's "
+                            "images are not all one size: train with --resolution N (a multiple of 64: every "
+                            "example scaled and cropped to N x N), or with --batch-size 1")
+    assert collate([ds[0], ds[0]])["jpg"].shape == (2, 64, 64, 3)
+    sized = prompt_json_dataset(tmp_path, random_crop=False, resolution=64)
+    assert collate([sized[0], sized[1]])["jpg"].shape == (2, 64, 64, 3)
+    from ctrlnet.checkpoints.convert import base_state_dict, write_single_file
+    from ctrlnet.pipeline import random_base
+
+    tiny = random_base("tiny-sd1")
+    base = write_single_file(base_state_dict(tiny), tmp_path / "base.safetensors", tiny.config)
+    capsys.readouterr()
+    for workers in ("0", "1"):  # in a loader worker too: the message, not the worker's traceback
+        assert main(["train", str(tmp_path), "--base", str(base), "--out", str(tmp_path / f"run{workers}"),
+                     "--steps", "1", "--batch-size", "2", "--workers", workers, "--no-progress",
+                     "--sample-every", "0"]) == 2
+        assert capsys.readouterr().err == f"ctrlnet train: error: {e.value}\n"
+
+
 def test_ema_resumed_state_goes_where_the_parameters_live():
     """Checkpoints load onto the CPU; a resumed EMA must follow the parameters to their device
     (on CUDA the first update after a resume otherwise fails with a device mismatch)."""
