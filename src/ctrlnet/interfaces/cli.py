@@ -304,6 +304,7 @@ def _add_annotate(sub) -> None:
     p.add_argument("--resolution", type=int, default=None, help="resize the short side first (as the apps do)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="annotator parameter (numbers are parsed), repeatable")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_annotate)
 
 
@@ -314,6 +315,20 @@ def _parse_value(v: str):
         except ValueError:
             pass
     return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def check_new_output(out, force: bool, inputs=()) -> Path:
+    """Refuse (ValueError, before any work) an output file that exists, unless ``force``, and one
+    that is an input of the command even with ``force`` (it would be replaced by what it made)."""
+    out = Path(out).expanduser()
+    for inp in inputs:
+        if inp is not None and Path(inp).expanduser().resolve() == out.resolve():
+            raise ValueError(f"{out} is an input of this command; write the output to another file")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give an output file name")
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    return out
 
 
 def _cmd_annotate(args) -> int:
@@ -333,6 +348,7 @@ def _cmd_annotate(args) -> int:
             return EXIT_USAGE
         k, v = kv.split("=", 1)
         params[k] = _parse_value(v)
+    check_new_output(args.output, args.force, [args.input])
     img = load_image(args.input)
     if args.resolution:
         img = resize_image(img, args.resolution)
