@@ -257,6 +257,27 @@ def _request_from_args(args, models, inputs: dict):
     )
 
 
+def _check_before_loading(args, inputs: dict) -> None:
+    """Refuse what the flags ask for before any model loads (loading a full-size model takes
+    seconds to minutes): the request's ranges and sampler options, and every pass's size against
+    --max-pixels. The sampling defaults come from the model files' headers, as loading reads
+    them; a file that cannot be read is left to the loader, which names what is wrong with it."""
+    from types import SimpleNamespace
+
+    from ctrlnet.generation.plan import plan_sizes
+    from ctrlnet.interfaces.model_args import name_controlnets, resolve_name
+    from ctrlnet.pipeline import file_defaults
+
+    nets = name_controlnets(args.controlnet)
+    try:
+        defaults = file_defaults(resolve_name(args.base), {k: resolve_name(v) for k, v in nets.items()})
+    except (OSError, ValueError):
+        return
+    req = _request_from_args(args, SimpleNamespace(controlnets=dict.fromkeys(nets), defaults=defaults), inputs)
+    req.validate()
+    plan_sizes(req)
+
+
 def _cmd_generate(args) -> int:
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
     from ctrlnet.interfaces.outputs import check_output_dir, read_record, save_result
@@ -278,6 +299,7 @@ def _cmd_generate(args) -> int:
     else:
         check_annotators(args)
         inputs = _read_inputs(args)
+        _check_before_loading(args, inputs)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
                             args.low_vram, args.parameterization, vae=args.vae, **extra, **compile_opt)
         req = _request_from_args(args, loaded.models, inputs)
