@@ -81,6 +81,23 @@ def test_from_png_reproduces_hires_fix_with_an_annotator(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["3_0.png", "3_control0.png"]
 
 
+def test_from_png_refuses_flags_it_would_ignore(tmp_path, capsys, monkeypatch):
+    """`--from-png out.png --seed 7 --steps 30` made the recorded image again and dropped the two
+    flags without a word; they are refused now, naming them, before the PNG or any model is read."""
+    import ctrlnet.pipeline
+
+    monkeypatch.setattr(ctrlnet.pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    assert main(["generate", "--from-png", str(tmp_path / "none.png"), "--seed", "7", "--steps", "30",
+                 "--annotator", "canny", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert ("--from-png makes the recorded image again with the settings in the PNG, so --annotator, --steps, "
+            "--seed would be ignored; leave them out") in err
+    # the flags it honours are not refused (this PNG does not exist: the next error is about it)
+    assert main(["generate", "--from-png", str(tmp_path / "none.png"), "--base", "random:tiny-sd1",
+                 "--lora-dir", str(tmp_path), "--dtype", "fp32", "--out", str(tmp_path / "o")]) == 2
+    assert "no image file at" in capsys.readouterr().err
+
+
 def test_from_png_without_record_is_a_clear_error(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "plain.png"), np.zeros((16, 16, 3), np.uint8))
     assert main(["generate", "--from-png", str(tmp_path / "plain.png")]) == 2

@@ -47,7 +47,8 @@ def _add_generate(sub) -> None:
     add_request_args(p)
     p.add_argument("--from-png", default=None, metavar="PNG",
                    help="redo the image a previous run wrote: its settings, seed, models and control maps "
-                        "(saved next to it) are read from the PNG; --base/--controlnet/--out override")
+                        "(saved next to it) are read from the PNG; --base/--controlnet/--vae/--out override (the "
+                        "other settings flags are refused: they would be ignored)")
     p.add_argument("--out", default="outputs", help="output folder")
     add_model_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -257,6 +258,17 @@ def _request_from_args(args, models, inputs: dict):
     )
 
 
+def _flags_ignored_by_from_png(args) -> list[str]:
+    """The request flags given with --from-png (other than the ones it honours), which it would
+    ignore: every setting comes from the PNG's record."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--control", action="append", default=[])
+    add_request_args(p)
+    defaults = vars(p.parse_args([]))
+    return ["--" + k.replace("_", "-") for k, v in defaults.items()
+            if k not in ("embeddings", "lora_dir") and getattr(args, k, v) != v]
+
+
 def _check_before_loading(args, inputs: dict) -> None:
     """Refuse what the flags ask for before any model loads (loading a full-size model takes
     seconds to minutes): the request's ranges and sampler options, and every pass's size against
@@ -287,6 +299,12 @@ def _cmd_generate(args) -> int:
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
     compile_opt = {"compile": args.compile}
     if args.from_png:
+        ignored = _flags_ignored_by_from_png(args)
+        if ignored:
+            raise ValueError(f"--from-png makes the recorded image again with the settings in the PNG, so "
+                             f"{', '.join(ignored)} would be ignored; leave {'it' if len(ignored) == 1 else 'them'} "
+                             "out (only --base, --controlnet, --vae, --embeddings, --lora-dir, --out and the device "
+                             "flags apply), or generate without --from-png to choose the settings")
         rec = read_record(args.from_png)
         extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
         base = args.base if args.base is not None else rec.base
