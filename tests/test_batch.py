@@ -129,6 +129,26 @@ def test_hires_batch_image_is_made_again_from_its_record(tmp_path):
     assert first.shape == (128, 128, 3) and np.abs(again - first).max() == 0
 
 
+def test_an_unreadable_input_is_skipped_named_and_the_rest_made(tmp_path, capsys):
+    """One corrupt file in the folder ended the whole job at its turn (later inputs never made);
+    it is now skipped with its name and cause, the others are made, the command ends with exit 1
+    and a rerun (with the file fixed) finishes the job."""
+    inp = _inputs(tmp_path / "in", n=3)
+    (inp / "m1.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _batch(inp, out) == 1
+    cap = capsys.readouterr()
+    assert f"skipped {inp / 'm1.jpg'} is not a readable image" in cap.err
+    assert "0 of 3 already done; wrote 2 to" in cap.out
+    assert f"1 inputs could not be used ({inp / 'm1.jpg'}; causes above): fix or remove them and rerun" in cap.err
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == [
+        "m0.control0.png", "m0.png", "m2.control0.png", "m2.png"]
+    _inputs(inp, n=2)  # m1.jpg readable again
+    assert _batch(inp, out) == 0
+    assert "2 of 3 already done; wrote 1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "same_as_input", "unwritable", "clash", "n", "seed"])
 def test_bad_inputs_fail_before_models_load(tmp_path, capsys, monkeypatch, case):
     import ctrlnet.interfaces.model_args as model_args

@@ -17,6 +17,7 @@ the models on its own device.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 MAP_SUFFIX = ".control0.png"  # next to OUT/NAME.png: the control map that --from-png reads back
@@ -134,7 +135,7 @@ def _cmd_batch(args) -> int:
 
     from ctrlnet.atomic import remove_stale_temps
     from ctrlnet.generation.batch import list_images, pending, plan_items
-    from ctrlnet.image import load_image, save_image
+    from ctrlnet.image import ImageError, load_image, save_image
     from ctrlnet.interfaces.cli import _request_from_args
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
     from ctrlnet.interfaces.outputs import check_output_dir, result_chunks, source_picture, source_units
@@ -177,11 +178,18 @@ def _cmd_batch(args) -> int:
         with tqdm(total=len(mine), desc="batch" if world == 1 else f"batch (process {rank} of {world})",
                   unit="image", disable=not show) as bar:
             for item in mine:
-                image = load_image(item.source, keep_alpha=True)
-                req = _request_from_args(args, loaded.models, {"controls": [image], "init_image": None, "mask": None})
-                req.seed = item.seed
-                req.validate()
-                result = generate(loaded.models, req)
+                try:
+                    image = load_image(item.source, keep_alpha=True)
+                    req = _request_from_args(args, loaded.models, {"controls": [image], "init_image": None,
+                                                                   "mask": None})
+                    req.seed = item.seed
+                    req.validate()
+                    result = generate(loaded.models, req)
+                except ImageError as e:  # one unreadable or unusable input must not end a long job
+                    msg = str(e) if str(item.source) in str(e) else f"{item.source}: {e}"
+                    print(f"skipped {msg}", file=sys.stderr, flush=True)
+                    bar.update(1)
+                    continue
                 map_name = item.source.stem + MAP_SUFFIX
                 save_image(result.control_maps[0], out / map_name)
                 sources = {}
@@ -194,10 +202,15 @@ def _cmd_batch(args) -> int:
                 bar.update(1)
     if state is not None:
         state.wait_for_everyone()
+    left = pending(items)  # what no process could make (each named its cause above)
     if state is None or state.is_main_process:
-        print(f"{len(items) - len(todo)} of {len(items)} already done; wrote {len(todo)} to {out}"
+        print(f"{len(items) - len(todo)} of {len(items)} already done; wrote {len(todo) - len(left)} to {out}"
               + (f" with {world} processes" if world > 1 else ""), flush=True)
-    return 0
+        if left:
+            names = ", ".join(str(it.source) for it in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            print(f"{len(left)} inputs could not be used ({names}; causes above): fix or remove them and rerun "
+                  "to finish the job", file=sys.stderr, flush=True)
+    return 1 if left else 0
 
 
 
