@@ -75,7 +75,7 @@ def test_rerun_with_other_settings_is_refused_not_reported_done(tmp_path, capsys
     done": the folder then held images of the old prompt as if they were the new job's. It is
     refused before models load, naming each setting with both values; --overwrite moves the old
     images aside; a rerun with the same settings still finishes the job."""
-    import ctrlnet.interfaces.model_args as model_args
+    from ctrlnet.interfaces import model_args
 
     inp, out = _inputs(tmp_path / "in", n=2), tmp_path / "out"
     assert _batch(inp, out) == 0

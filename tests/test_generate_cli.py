@@ -97,8 +97,8 @@ def test_a_missing_input_image_fails_before_models_load(tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--width", "4096", "--height", "4096"], "the output would be 4096x4096 = 16777216 pixels, more than "
-                                              "max_pixels=4194304"),
+    (["--width", "4096", "--height", "4096"], ("the output would be 4096x4096 = 16777216 pixels, more than "
+                                               "max_pixels=4194304")),
     (["--width", "1024", "--height", "1024", "--hires-scale", "3"], "the output would be 3072x3072"),
     (["--steps", "0"], "steps=0 is out of range"),
     (["--sampler", "LMS", "--eta", "0.5"], "sampler 'lms' takes no option eta"),

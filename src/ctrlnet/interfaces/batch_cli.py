@@ -98,7 +98,11 @@ def check_job(out: Path, settings: dict, done: int, overwrite: bool):
     other settings: a rerun would skip them and report them done as if they were this job's.
     Returns the :class:`~ctrlnet.training.run_folder.OutputClaim` to apply (moving the earlier
     images aside with ``overwrite``); a folder without a record (or without images) is taken as is."""
-    from ctrlnet.training.run_folder import check_output, read_job_record, settings_differences
+    from ctrlnet.training.run_folder import (
+        check_output,
+        read_job_record,
+        settings_differences,
+    )
 
     recorded = read_job_record(out / JOB_RECORD) if done else None
     diff = settings_differences(recorded, settings) if recorded is not None else []
@@ -138,7 +142,12 @@ def _cmd_batch(args) -> int:
     from ctrlnet.image import ImageError, load_image, save_image
     from ctrlnet.interfaces.cli import _request_from_args
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
-    from ctrlnet.interfaces.outputs import check_output_dir, result_chunks, source_picture, source_units
+    from ctrlnet.interfaces.outputs import (
+        check_output_dir,
+        result_chunks,
+        source_picture,
+        source_units,
+    )
     from ctrlnet.pipeline import generate
     from ctrlnet.training.run_folder import write_job_record
 

@@ -201,7 +201,6 @@ def _cmd_lineart(args) -> int:
 def _cmd_image(args) -> int:
     from ctrlnet.colorize.reference import colorize_image
     from ctrlnet.image import load_image, save_image
-
     from ctrlnet.interfaces.cli import check_new_output
 
     out = Path(args.out) if args.out else Path(args.input).with_name(Path(args.input).stem + "-colorized.png")
