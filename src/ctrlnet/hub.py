@@ -228,8 +228,10 @@ def download(name: str, cache_dir=None, local_dir=None, dirs=(), token=None, ver
              progress=print) -> Path:
     """Fetch a model's files (skipped when already on disk); returns the main file's path.
 
-    Downloads resume where they stopped (``huggingface_hub``). Offline (``HF_HUB_OFFLINE=1`` or no
-    network) it falls back to :func:`resolve`, whose error says what is missing.
+    Downloads resume where they stopped (``huggingface_hub``); files already in ``dirs``,
+    ``local_dir`` or the cache are not fetched again. Offline (``HF_HUB_OFFLINE=1`` or no network)
+    :class:`MissingModelError` says what is missing, why the download failed (the innermost cause,
+    e.g. a DNS error) and which files to fetch by hand.
     """
     m = get_model(name)
     dirs = [*dirs, local_dir] if local_dir else list(dirs)  # files put there by an earlier download count
