@@ -149,7 +149,8 @@ def test_an_unreadable_input_is_skipped_named_and_the_rest_made(tmp_path, capsys
     assert "2 of 3 already done; wrote 1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "empty", "same_as_input", "unwritable", "clash", "n", "seed"])
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "same_as_input", "unwritable", "clash", "n", "seed",
+                                  "steps", "size", "eta"])
 def test_bad_inputs_fail_before_models_load(tmp_path, capsys, monkeypatch, case):
     import ctrlnet.interfaces.model_args as model_args
 
@@ -160,7 +161,8 @@ def test_bad_inputs_fail_before_models_load(tmp_path, capsys, monkeypatch, case)
     inp, out, extra = tmp_path / "in", tmp_path / "out", []
     want = {"missing": "does not exist", "file": "is not a folder", "empty": "holds no images",
             "same_as_input": "is the input folder", "unwritable": "is a file", "clash": "would both write",
-            "n": "one image per input", "seed": "fixed seed"}[case]
+            "n": "one image per input", "seed": "fixed seed", "steps": "steps=0 is out of range",
+            "size": "the output would be 4096x4096", "eta": "sampler 'lms' takes no option eta"}[case]
     if case == "file":
         inp.write_text("x")
     elif case == "empty":
@@ -179,6 +181,9 @@ def test_bad_inputs_fail_before_models_load(tmp_path, capsys, monkeypatch, case)
         extra = ["-n", "2"]
     elif case == "seed":
         extra = ["--seed", "-1"]
+    elif case in ("steps", "size", "eta"):  # refused after loading the models until now
+        extra = {"steps": ["--steps", "0"], "size": ["--width", "4096", "--height", "4096"],
+                 "eta": ["--sampler", "LMS", "--eta", "0.5"]}[case]
     assert _batch(inp, out, *extra) == 2
     assert want in capsys.readouterr().err
 

@@ -63,8 +63,10 @@ def add_batch_parser(sub) -> None:
 
 def _check_flags(args) -> None:
     """Refuse what a batch cannot do, before anything loads (ValueError naming the flag)."""
+    import numpy as np
+
     from ctrlnet.generation.presets import apply_preset
-    from ctrlnet.interfaces.cli import check_annotators
+    from ctrlnet.interfaces.cli import _check_before_loading, check_annotators
     from ctrlnet.sampling.names import resolve_sampler
 
     if args.num_images != 1:
@@ -77,6 +79,9 @@ def _check_flags(args) -> None:
     s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
     resolve_sampler(s["sampler"] or "ddim", s["schedule"])
     check_annotators(args)
+    # ranges, sampler options and sizes as `generate` checks them; a square stand-in for the maps,
+    # so a size from --resolution is checked at its smallest (a wider input is checked when made)
+    _check_before_loading(args, {"controls": [np.zeros((64, 64, 3), np.uint8)], "init_image": None, "mask": None})
 
 
 def job_settings(args) -> dict:
