@@ -433,3 +433,31 @@ def test_controlnet_params_carry_groups_to_diffusers_config():
     cfg = du.diffusers_config(net.config_params(), "controlnet")
     assert cfg["norm_num_groups"] == 8
     assert du.params_from_diffusers(cfg, "controlnet")["norm_num_groups"] == 8
+
+
+def test_convert_to_ckpt_keeps_the_config(tmp_path, tiny, tiny_file, capsys):
+    """`ctrlnet convert model.safetensors model.ckpt` wrote the weights alone: a model whose head
+    counts the weights do not tell (tiny-sd1 here, custom and distilled models in use) could not be
+    loaded back ("cannot infer the model architecture"). The pickle now carries the config as a
+    plain string, read under weights_only, and both the file and the folder made from it load."""
+    from ctrlnet.interfaces.cli import main
+
+    out = tmp_path / "tiny16.ckpt"
+    assert main(["convert", str(tiny_file), str(out), "--dtype", "fp16"]) == 0
+    obj = torch.load(out, weights_only=True)
+    assert set(obj) == {"state_dict", "ctrlnet_config"} and isinstance(obj["ctrlnet_config"], str)
+    loaded = load_base(out)
+    assert loaded.config == tiny.config
+    for k, v in tiny.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v.half().to(loaded.unet.state_dict()[k].dtype)), k
+    assert main(["convert", str(out), str(tmp_path / "pipe")]) == 0
+    _same_state(load_base(tmp_path / "pipe").unet, loaded.unet)
+    cn = tmp_path / "cn.pth"
+    assert main(["convert", str(_write_cn(tmp_path, tiny)), str(cn), "--base", str(tiny_file)]) == 0
+    assert load_controlnet(cn).config_params() == random_controlnet(tiny.unet, "x").config_params()
+
+
+def _write_cn(tmp_path, tiny):
+    p = tmp_path / "cn_in.pth"
+    torch.save({f"control_model.{k}": v for k, v in random_controlnet(tiny.unet, "x").state_dict().items()}, p)
+    return p

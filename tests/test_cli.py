@@ -48,6 +48,40 @@ def test_annotate_command(tmp_path):
     assert m.shape == (80, 80, 3) and m.max() == 255
 
 
+def test_annotate_and_add_control_do_not_replace_files_silently(tmp_path, capsys):
+    """`ctrlnet annotate` and `ctrlnet add-control` wrote over an existing output (a hand-edited
+    map, a trained ControlNet given as the output by mistake, the input image itself) without a
+    word; they now refuse before any work unless --force, and never write over their input."""
+    from ctrlnet.checkpoints.convert import base_state_dict, write_single_file
+    from ctrlnet.pipeline import random_base
+
+    img = np.zeros((80, 80, 3), np.uint8)
+    cv2.circle(img, (40, 40), 20, (255, 255, 255), -1)
+    src, out = tmp_path / "in.png", tmp_path / "map.png"
+    cv2.imwrite(str(src), img)
+    out.write_bytes(b"my edited map")
+    capsys.readouterr()
+    assert main(["annotate", "canny", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == f"ctrlnet annotate: error: {out} exists; pass --force to replace it\n"
+    assert out.read_bytes() == b"my edited map"
+    assert main(["annotate", "canny", str(src), str(src), "--force"]) == 2
+    assert f"{src} is an input of this command" in capsys.readouterr().err
+    assert main(["annotate", "canny", str(src), str(out), "--force"]) == 0
+    assert cv2.imread(str(out)).shape == (80, 80, 3)
+
+    tiny = random_base("tiny-sd1")
+    base = write_single_file(base_state_dict(tiny), tmp_path / "base.safetensors", tiny.config)
+    trained = tmp_path / "trained_cn.safetensors"
+    trained.write_bytes(b"weeks of training")
+    capsys.readouterr()
+    assert main(["add-control", str(base), str(trained)]) == 2
+    assert capsys.readouterr().err == f"ctrlnet add-control: error: {trained} exists; pass --force to replace it\n"
+    assert trained.read_bytes() == b"weeks of training"
+    assert main(["add-control", str(base), str(base), "--force"]) == 2
+    assert main(["add-control", str(base), str(trained), "--force"]) == 0
+    assert trained.stat().st_size > 1000
+
+
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "ctrlnet.interfaces.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "annotate" in r.stdout

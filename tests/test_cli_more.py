@@ -53,6 +53,51 @@ def test_from_png_reproduces_the_same_pixels(tmp_path, capsys):
                               np.asarray(Image.open(tmp_path / "a" / f"{seed}_1.png")))
 
 
+def test_from_png_reproduces_hires_fix_with_an_annotator(tmp_path, capsys):
+    """With hires fix a unit's map is fitted to each pass's size; the one saved map (the hires
+    pass's, 128 px) resized back to 64 px for the first pass was another hint, and the image made
+    again differed by up to 65 levels (canny). The control images are saved now and mapped again."""
+    src = _square(tmp_path / "in.png")
+    common = ["--prompt", "a box", "--steps", "2", "--width", "64", "--height", "64", "--hires-scale", "2",
+              "--hires-denoising-strength", "0.6"]
+    torch.manual_seed(0)
+    assert main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--control", str(src),
+                 "--annotator", "canny", "--control", str(src), "--annotator", "none", *common, "--seed", "3",
+                 "--out", str(tmp_path / "a")]) == 0
+    record = json.loads(Image.open(tmp_path / "a" / "3_0.png").info["ctrlnet"])
+    # the ready-made map too: fitted from 72 px to each pass's size, not the saved 128 px one resized
+    assert record["control_sources"] == {"0": "3_control0_source.png", "1": "3_control1_source.png"}
+    saved = np.asarray(Image.open(tmp_path / "a" / "3_control0_source.png"))
+    assert np.array_equal(saved, cv2.imread(str(src))[:, :, ::-1])
+    torch.manual_seed(0)
+    assert main(["generate", "--from-png", str(tmp_path / "a" / "3_0.png"), "--out", str(tmp_path / "b")]) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "3_0.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b" / "3_0.png")).astype(int)
+    assert a.shape == (128, 128, 3) and np.abs(a - b).max() == 0
+    # without hires fix nothing more is saved: the map stands for the unit
+    torch.manual_seed(0)
+    assert main(["generate", "--base", "random:tiny-sd1", "--controlnet", "random:c", "--control", str(src),
+                 "--annotator", "canny", *common[:-4], "--seed", "3", "--out", str(tmp_path / "c")]) == 0
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["3_0.png", "3_control0.png"]
+
+
+def test_from_png_refuses_flags_it_would_ignore(tmp_path, capsys, monkeypatch):
+    """`--from-png out.png --seed 7 --steps 30` made the recorded image again and dropped the two
+    flags without a word; they are refused now, naming them, before the PNG or any model is read."""
+    import ctrlnet.pipeline
+
+    monkeypatch.setattr(ctrlnet.pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    assert main(["generate", "--from-png", str(tmp_path / "none.png"), "--seed", "7", "--steps", "30",
+                 "--annotator", "canny", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert ("--from-png makes the recorded image again with the settings in the PNG, so --annotator, --steps, "
+            "--seed would be ignored; leave them out") in err
+    # the flags it honours are not refused (this PNG does not exist: the next error is about it)
+    assert main(["generate", "--from-png", str(tmp_path / "none.png"), "--base", "random:tiny-sd1",
+                 "--lora-dir", str(tmp_path), "--dtype", "fp32", "--out", str(tmp_path / "o")]) == 2
+    assert "no image file at" in capsys.readouterr().err
+
+
 def test_from_png_without_record_is_a_clear_error(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "plain.png"), np.zeros((16, 16, 3), np.uint8))
     assert main(["generate", "--from-png", str(tmp_path / "plain.png")]) == 2

@@ -230,3 +230,9 @@ def test_lineart_colorization_end_to_end(tmp_path, monkeypatch):
     assert args.func(args) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d-lineart-2-0.png", "d-lineart-map.png"]
     assert seen[-1] == ((1, 231, 32), True)  # the CLI picks the anime settings from the name
+    first = (tmp_path / "out" / "d-lineart-2-0.png").read_bytes()
+    args.prompt = "a blue ball"  # a rerun with the same seed adds files, as `generate` does; it replaced them
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "d-lineart-2-0-1.png", "d-lineart-2-0.png", "d-lineart-map-1.png", "d-lineart-map.png"]
+    assert (tmp_path / "out" / "d-lineart-2-0.png").read_bytes() == first

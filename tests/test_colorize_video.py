@@ -156,6 +156,14 @@ def test_cli_builders(clip, tmp_path):
                               "--steps", "1", "--device", "cpu"])
     assert args.func(args) == 0
     assert load_image(tmp_path / "o.png").shape == frames[2].shape
+    # a second run does not write over the first's image (it did, silently), nor ever over its input
+    first = (tmp_path / "o.png").read_bytes()
+    with pytest.raises(ValueError, match=r"o\.png exists; pass --force to replace it"):
+        args.func(args)
+    assert (tmp_path / "o.png").read_bytes() == first
+    args.out, args.force = str(gray), True
+    with pytest.raises(ValueError, match=r"g\.png is an input of this command"):
+        args.func(args)
     args = parser.parse_args(["colorize", "video", str(path), "--reference", str(ref), "--mode", "recursive"])
     # steps and guidance: None = the colorizer file's (20 and 1 for the shipped one)
     assert (args.mode, args.guidance_scale, args.steps, args.keep_luminance) == ("recursive", None, None, True)

@@ -96,6 +96,29 @@ def test_a_missing_input_image_fails_before_models_load(tmp_path, capsys, monkey
     assert "nope.png" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--width", "4096", "--height", "4096"], ("the output would be 4096x4096 = 16777216 pixels, more than "
+                                               "max_pixels=4194304")),
+    (["--width", "1024", "--height", "1024", "--hires-scale", "3"], "the output would be 3072x3072"),
+    (["--steps", "0"], "steps=0 is out of range"),
+    (["--sampler", "LMS", "--eta", "0.5"], "sampler 'lms' takes no option eta"),
+    # the embedded model's own 128-px default is read from its files: 128x128 fits, 512x512 would not
+    (["--max-pixels", "20000"], None),
+])
+def test_sizes_and_ranges_fail_before_models_load(tmp_path, capsys, monkeypatch, flags, message):
+    """The README says an output larger than --max-pixels is refused before any model loads; it
+    was refused after loading (seconds to minutes for a full-size model), as were bad ranges."""
+    import ctrlnet.pipeline
+
+    monkeypatch.setattr(ctrlnet.pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    if message is None:
+        with pytest.raises(pytest.fail.Exception, match="models loaded"):
+            main(["generate", "--prompt", "x", "--out", str(tmp_path), *flags])
+        return
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def _lora_file(path, unet):
     """A kohya LoRA on one attention projection of the tiny UNet (original module names)."""
     w = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight

@@ -107,6 +107,43 @@ def test_download_offline_reports_missing(tmp_path):
     assert not list(tmp_path.rglob("*.pth"))
 
 
+def test_download_failure_names_the_cause_not_the_same_command(tmp_path, monkeypatch, capsys):
+    """Without network, `ctrlnet models download` used to end with "cannot download
+    (LocalEntryNotFoundError)" and advise running `ctrlnet models download` again; it now says the
+    hub could not be reached, with the innermost cause, and what to do instead."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_dns(repo, filename, **kw):
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as e:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from e
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    local = tmp_path / "dl"
+    assert main(["models", "download", "table5_pidinet", "--cache-dir", str(tmp_path / "c"),
+                 "--local-dir", str(local)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("ctrlnet models download: table5_pidinet: missing table5_pidinet.pth (about 3 MB). "
+                          f"Searched: {local}; {tmp_path / 'c'} (Hugging Face cache). Downloading table5_pidinet.pth "
+                          "from lllyasviel/Annotators failed: the Hugging Face hub could not be reached ([Errno -2] "
+                          "Name or service not known); check the network, a proxy (HTTPS_PROXY) or HF_ENDPOINT. "
+                          "Try again later, or download https://huggingface.co/lllyasviel/Annotators/resolve/main/"
+                          "table5_pidinet.pth by hand"), err
+    assert "Get it with `ctrlnet models download" not in err
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.MissingModelError, match=r"failed: HF_HUB_OFFLINE is set, so the hub is not asked \(unset"):
+        hub.download("table5_pidinet", cache_dir=tmp_path / "c", progress=lambda s: None)
+    # a file an earlier download put in --local-dir is found there, offline
+    local.mkdir()
+    (local / "table5_pidinet.pth").write_bytes(b"w")
+    assert hub.download("table5_pidinet", cache_dir=tmp_path / "c", local_dir=local,
+                        progress=lambda s: None) == local / "table5_pidinet.pth"
+
+
 def test_models_command(tmp_path, capsys):
     _hub_cache(tmp_path, "lllyasviel/Annotators", {"netG.pth": b"g"})
     assert main(["models", "list", "--kind", "annotator", "--cache-dir", str(tmp_path)]) == 0

@@ -386,6 +386,69 @@ def test_cli_data_commands(tmp_path, capsys):
     assert "target/1.png" in out and "2 of 3 examples are readable" in out
 
 
+def test_prompt_json_with_other_field_names_is_refused_before_training(fill, tmp_path, capsys):
+    """A prompt.json written with other column names (diffusers' image/conditioning_image, the
+    items' hint/jpg) stops `ctrlnet train` at the first bad line, 1-based, naming the fields the
+    row has, before any model loads or run folder is made; it used to skip every row with a
+    warning each and end in a DataLoader traceback after the models had loaded."""
+    from ctrlnet.interfaces.cli import main
+
+    rows = read_jsonl(fill / "prompt.json")
+    lines = [json.dumps({"source": str(fill / r["source"]), "target": str(fill / r["target"]),
+                         "prompt": r["prompt"]}) for r in rows[:3]]
+    lines.insert(1, "")  # blank lines do not shift the line numbers reported
+    lines[2] = json.dumps({"hint": "source/1.png", "jpg": "target/1.png", "prompt": "x"})
+    (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        prompt_json_dataset(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'prompt.json'}:3: no 'source' or 'target' field (has 'hint', 'jpg', "
+                            "'prompt'); every row needs 'source', 'target'")
+    (tmp_path / "prompt.json").write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"prompt\.json:2: a row must be a JSON object .* got list"):
+        prompt_json_dataset(tmp_path)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path), "--base", "random:tiny-sd1", "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt.json:2: a row must be a JSON object" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_image_sizes_without_resolution_name_the_fix(fill, tmp_path, capsys):
+    """A data set with images of two sizes, trained without --resolution (each example keeps its
+    own size) and a batch of more than one, failed in a loader worker with torch's "stack expects
+    each tensor to be equal size"; the batch now says what is wrong and the two ways to train on it."""
+    from ctrlnet.interfaces.cli import main
+
+    rows = read_jsonl(fill / "prompt.json")[:2]
+    for i, r in enumerate(rows):
+        for k in ("source", "target"):
+            img = load_image(fill / r[k])
+            r[k] = f"{k}{i}.png"
+            save_image(np.repeat(np.repeat(img, 2, 0), 2, 1) if i else img, tmp_path / r[k])  # 64 and 128 px
+    (tmp_path / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = prompt_json_dataset(tmp_path, random_crop=False)
+    with pytest.raises(DataError) as e:
+        collate([ds[0], ds[1]])
+    assert str(e.value) == ("the examples of one batch differ in size (jpg: 64x64 and 128x128); the data set's "
+                            "images are not all one size: train with --resolution N (a multiple of 64: every "
+                            "example scaled and cropped to N x N), or with --batch-size 1")
+    assert collate([ds[0], ds[0]])["jpg"].shape == (2, 64, 64, 3)
+    sized = prompt_json_dataset(tmp_path, random_crop=False, resolution=64)
+    assert collate([sized[0], sized[1]])["jpg"].shape == (2, 64, 64, 3)
+    from ctrlnet.checkpoints.convert import base_state_dict, write_single_file
+    from ctrlnet.pipeline import random_base
+
+    tiny = random_base("tiny-sd1")
+    base = write_single_file(base_state_dict(tiny), tmp_path / "base.safetensors", tiny.config)
+    capsys.readouterr()
+    for workers in ("0", "1"):  # in a loader worker too: the message, not the worker's traceback
+        assert main(["train", str(tmp_path), "--base", str(base), "--out", str(tmp_path / f"run{workers}"),
+                     "--steps", "1", "--batch-size", "2", "--workers", workers, "--no-progress",
+                     "--sample-every", "0"]) == 2
+        assert capsys.readouterr().err == f"ctrlnet train: error: {e.value}\n"
+
+
 def test_ema_resumed_state_goes_where_the_parameters_live():
     """Checkpoints load onto the CPU; a resumed EMA must follow the parameters to their device
     (on CUDA the first update after a resume otherwise fails with a device mismatch)."""

@@ -178,13 +178,31 @@ def resolve(name: str, dirs=(), cache_dir=None) -> Path:
     missing = [f for f, p in found.items() if p is None]
     if not missing:
         return found[m.filename]
+    raise MissingModelError(_missing_message(m, missing, dirs, cache,
+                                             f"Get it with `ctrlnet models download {m.name}` (needs internet), or"))
+
+
+def _missing_message(m: HubModel, missing: list[str], dirs, cache: Path, get_it: str) -> str:
+    """What is missing, where it was looked for, and (after ``get_it``) the files to fetch by hand."""
     where = [str(d) for d in search_dirs(dirs)] + [f"{cache} (Hugging Face cache)"]
     urls = "; ".join(f"https://huggingface.co/{m.repo}/resolve/main/{f}" for f in missing)
-    raise MissingModelError(
-        f"{m.name}: missing {', '.join(missing)} (about {human_size(m.size)}). Searched: {'; '.join(where)}. "
-        f"Get it with `ctrlnet models download {m.name}` (needs internet), or download {urls} "
-        f"by hand into a folder and name it in ${ENV_DIRS} (`ctrlnet models` also takes --dir <folder>)."
-    )
+    return (f"{m.name}: missing {', '.join(missing)} (about {human_size(m.size)}). Searched: {'; '.join(where)}. "
+            f"{get_it} download {urls} by hand into a folder and name it in ${ENV_DIRS} "
+            "(`ctrlnet models` also takes --dir <folder>).")
+
+
+def _download_failure(e: BaseException) -> str:
+    """Why a download failed, in words: the innermost cause huggingface_hub wrapped (a DNS or
+    connection error, say), or that offline mode is on."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the hub is not asked (unset it to download)"
+    inner = e
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    text = str(inner).strip() or inner.__class__.__name__
+    return f"the Hugging Face hub could not be reached ({text}); check the network, a proxy (HTTPS_PROXY) or HF_ENDPOINT"
 
 
 def human_size(n: int) -> str:
@@ -210,10 +228,13 @@ def download(name: str, cache_dir=None, local_dir=None, dirs=(), token=None, ver
              progress=print) -> Path:
     """Fetch a model's files (skipped when already on disk); returns the main file's path.
 
-    Downloads resume where they stopped (``huggingface_hub``). Offline (``HF_HUB_OFFLINE=1`` or no
-    network) it falls back to :func:`resolve`, whose error says what is missing.
+    Downloads resume where they stopped (``huggingface_hub``); files already in ``dirs``,
+    ``local_dir`` or the cache are not fetched again. Offline (``HF_HUB_OFFLINE=1`` or no network)
+    :class:`MissingModelError` says what is missing, why the download failed (the innermost cause,
+    e.g. a DNS error) and which files to fetch by hand.
     """
     m = get_model(name)
+    dirs = [*dirs, local_dir] if local_dir else list(dirs)  # files put there by an earlier download count
     found = find(name, dirs, cache_dir)
     if all(found.values()):
         progress(f"{m.name}: already here: {found[m.filename]}")
@@ -240,7 +261,12 @@ def download(name: str, cache_dir=None, local_dir=None, dirs=(), token=None, ver
                 continue
             except (LocalEntryNotFoundError, OSError) as e:  # offline or network down
                 progress(f"{m.name}: cannot download ({e.__class__.__name__})")
-                return resolve(name, dirs, cache_dir)
+                cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+                missing = [g for g in m.files if found[g] is None]
+                # not resolve()'s message: it would advise the very command that just failed
+                raise MissingModelError(_missing_message(
+                    m, missing, dirs, cache,
+                    f"Downloading {f} from {repo} failed: {_download_failure(e)}. Try again later, or")) from None
             want = m.sha256 if f == m.filename and m.sha256 else (_hub_sha256(repo, f, token) if verify else None)
             if want:
                 from ctrlnet.checkpoints.hashes import sha256_file  # (imports torch: only here)

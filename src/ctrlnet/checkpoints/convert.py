@@ -77,7 +77,9 @@ def controlnet_state_dict(net) -> dict[str, torch.Tensor]:
 def write_single_file(sd: dict[str, torch.Tensor], out, config: ModelConfig | None = None,
                       dtype: torch.dtype | None = None) -> Path:
     """Write a state dict as ``.safetensors`` (with the config in its metadata) or, for ``.ckpt``/``.pth``,
-    as a pickle ``{"state_dict": ...}``. Atomic: a temp file in the same folder is renamed into place."""
+    as a pickle ``{"state_dict": ..., "ctrlnet_config": "<json>"}`` (a plain string, which
+    ``weights_only`` loading reads; without it a model whose head counts the weights do not tell
+    could not be loaded back). Atomic: a temp file in the same folder is renamed into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sd = _cast(sd, dtype)
@@ -92,7 +94,10 @@ def write_single_file(sd: dict[str, torch.Tensor], out, config: ModelConfig | No
                 meta["ctrlnet_config"] = config_to_json(config)
             save_file(sd, str(tmp), metadata=meta)
         else:
-            torch.save({"state_dict": sd}, tmp)
+            obj = {"state_dict": sd}
+            if config is not None:
+                obj["ctrlnet_config"] = config_to_json(config)
+            torch.save(obj, tmp)
     return out
 
 

@@ -39,7 +39,8 @@ def plain(text: str) -> str:
 @dataclass
 class Checkpoint:
     """A state dict plus the safetensors metadata (empty for pickles) and the other top-level
-    entries of a pickle that are not tensors but say something (``difference``, ``v_pred``)."""
+    entries of a pickle that are not tensors but say something (``difference``, ``v_pred``, our
+    ``ctrlnet_config``)."""
 
     path: Path
     state_dict: dict[str, torch.Tensor]
@@ -379,6 +380,8 @@ def _unwrap(obj, path: Path) -> Checkpoint:
         for k in ("difference", "v_pred"):
             if k in src and (f := _flag(src[k])) is not None:
                 meta[k] = f
+    if isinstance(top.get("ctrlnet_config"), str):  # our config, as write_single_file stores it in pickles
+        meta["ctrlnet_config"] = top["ctrlnet_config"]
     return Checkpoint(path, sd, meta)
 
 

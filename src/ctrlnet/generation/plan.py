@@ -77,33 +77,17 @@ def _check_pixels(what: str, size: tuple[int, int], limit: int) -> None:
                          "lower the resolution, width/height or hires scale")
 
 
-def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = True) -> Plan:
-    """Check ``request`` against ``models`` and fix everything a run needs. Raises ValueError (or
-    :class:`~ctrlnet.image.ImageError`, FileNotFoundError for a LoRA) naming the cause; nothing
-    heavy has run yet. ``allow_paths=False`` (untrusted callers) finds LoRAs only by name in
-    ``models.lora_dirs``."""
-    request.validate()
-    seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
-    req = replace(request, seed=seed)
-    if req.added_prompt is None:
-        req.added_prompt = models.defaults.get("added_prompt", "")
-    if req.negative_prompt is None:
-        req.negative_prompt = models.defaults.get("negative_prompt", "")
-    seeds = [(seed + k) % (MAX_SEED + 1) for k in range(req.num_images)]
-
-    unit_nets = []
-    for i, spec in enumerate(req.controls):
-        name = spec.model or (next(iter(models.controlnets)) if models.controlnets else None)
-        if name not in models.controlnets:
-            known = ", ".join(models.controlnets) or "none loaded"
-            raise ValueError(f"controls[{i}] asks for ControlNet {name!r}; loaded: {known}")
-        unit_nets.append(name)
-
+def plan_sizes(req: GenerationRequest, down: int = 8):
+    """The sizes a request runs at, from the request alone (no models): ``(init, size, out_size,
+    hires_size, box, legacy_resolution)`` as in :class:`Plan` (``init``: the init image as (H, W, 3)
+    uint8, or None). ``down``: the VAE's downscale factor (8 for every SD model). Raises ValueError
+    naming the cause for an empty only-masked mask, sides that are no multiple of ``down``, hires
+    fix with a mask, or a pass larger than ``max_pixels``; so callers can refuse these before any
+    model loads (``ctrlnet generate`` does)."""
     init = None
     if req.init_image is not None:
         init = HWC3(np.asarray(req.init_image))
         check_size(*init.shape[:2])
-        req.init_image = init
     box = None
     legacy = None
     if req.mask is not None and req.only_masked:
@@ -132,7 +116,6 @@ def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = Tr
             r = int(round(req.resolution / 64.0)) * 64
             size = (r, r)
         out_size = size
-    down = models.base.vae.downscale
     if size[0] % down or size[1] % down:
         raise ValueError(f"width and height must be multiples of {down} for this model, got {size[1]}x{size[0]}")
     hires = None
@@ -144,6 +127,34 @@ def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = Tr
     for what, s in (("the output", out_size), ("the first pass", size), ("the hires pass", hires)):
         if s is not None:
             _check_pixels(what, s, req.max_pixels)
+    return init, size, out_size, hires, box, legacy
+
+
+def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = True) -> Plan:
+    """Check ``request`` against ``models`` and fix everything a run needs. Raises ValueError (or
+    :class:`~ctrlnet.image.ImageError`, FileNotFoundError for a LoRA) naming the cause; nothing
+    heavy has run yet. ``allow_paths=False`` (untrusted callers) finds LoRAs only by name in
+    ``models.lora_dirs``."""
+    request.validate()
+    seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
+    req = replace(request, seed=seed)
+    if req.added_prompt is None:
+        req.added_prompt = models.defaults.get("added_prompt", "")
+    if req.negative_prompt is None:
+        req.negative_prompt = models.defaults.get("negative_prompt", "")
+    seeds = [(seed + k) % (MAX_SEED + 1) for k in range(req.num_images)]
+
+    unit_nets = []
+    for i, spec in enumerate(req.controls):
+        name = spec.model or (next(iter(models.controlnets)) if models.controlnets else None)
+        if name not in models.controlnets:
+            known = ", ".join(models.controlnets) or "none loaded"
+            raise ValueError(f"controls[{i}] asks for ControlNet {name!r}; loaded: {known}")
+        unit_nets.append(name)
+
+    init, size, out_size, hires, box, legacy = plan_sizes(req, models.base.vae.downscale)
+    if init is not None:
+        req.init_image = init
     unet_in = models.base.unet.in_channels
     if unet_in not in (4, 9) or (unet_in == 9 and req.mask is None):
         if unet_in == 9:

@@ -17,9 +17,14 @@ the models on its own device.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 MAP_SUFFIX = ".control0.png"  # next to OUT/NAME.png: the control map that --from-png reads back
+SOURCE_SUFFIX = ".control0.source.png"  # with hires fix: the input, made into the maps again on rerun
+JOB_RECORD = ".ctrlnet-batch.json"  # in OUT: the settings its images were made with
+# flags that change how a job runs, not what it makes (a rerun may change them freely)
+_NOT_SETTINGS = {"func", "out", "no_progress", "device", "dtype", "low_vram", "compile", "overwrite"}
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 
 
@@ -29,7 +34,7 @@ def add_batch_parser(sub) -> None:
 
     p = sub.add_parser(
         "batch", help="generate one image per control image in a folder (resumable, multi-process)",
-        description=__doc__.split("\n\n")[0] + ". Each input NAME.EXT gives OUT/NAME.png (its settings recorded "
+        description=__doc__.split("\n\n")[0].rstrip(".") + ". Each input NAME.EXT gives OUT/NAME.png (its settings recorded "
                     "in the PNG) and OUT/NAME.control0.png; finished outputs are skipped on a rerun. The seed of "
                     "each image is --seed plus the CRC-32 of the input's name, so any number of processes "
                     "writes the same files.",
@@ -49,14 +54,19 @@ def add_batch_parser(sub) -> None:
     add_request_args(p)
     p.set_defaults(seed=0)  # a batch needs a fixed seed: every process and every rerun must agree
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out whose images were made with other settings: it is moved aside "
+                        "to OUT.replaced-YYYYMMDD-HHMMSS (nothing is deleted)")
     add_model_args(p)
     p.set_defaults(func=_cmd_batch)
 
 
 def _check_flags(args) -> None:
     """Refuse what a batch cannot do, before anything loads (ValueError naming the flag)."""
+    import numpy as np
+
     from ctrlnet.generation.presets import apply_preset
-    from ctrlnet.interfaces.cli import check_annotators
+    from ctrlnet.interfaces.cli import _check_before_loading, check_annotators
     from ctrlnet.sampling.names import resolve_sampler
 
     if args.num_images != 1:
@@ -69,6 +79,42 @@ def _check_flags(args) -> None:
     s = apply_preset({"sampler": args.sampler, "schedule": args.schedule, "steps": args.steps}, args.preset)
     resolve_sampler(s["sampler"] or "ddim", s["schedule"])
     check_annotators(args)
+    # ranges, sampler options and sizes as `generate` checks them; a square stand-in for the maps,
+    # so a size from --resolution is checked at its smallest (a wider input is checked when made)
+    _check_before_loading(args, {"controls": [np.zeros((64, 64, 3), np.uint8)], "init_image": None, "mask": None})
+
+
+def job_settings(args) -> dict:
+    """What a batch's images depend on: every request and model flag (model files as absolute
+    paths), not where or how it runs (:data:`_NOT_SETTINGS`)."""
+    from ctrlnet.interfaces.model_args import name_controlnets
+    from ctrlnet.interfaces.outputs import model_spec
+
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and not callable(v)}
+    settings["input"] = str(Path(args.input).expanduser().resolve())
+    settings["base"] = model_spec(args.base)
+    settings["vae"] = model_spec(args.vae)
+    settings["controlnet"] = {k: model_spec(v) for k, v in name_controlnets(args.controlnet).items()}
+    return settings
+
+
+def check_job(out: Path, settings: dict, done: int, overwrite: bool):
+    """Refuse (before models load) to add images to an --out whose finished images were made with
+    other settings: a rerun would skip them and report them done as if they were this job's.
+    Returns the :class:`~ctrlnet.training.run_folder.OutputClaim` to apply (moving the earlier
+    images aside with ``overwrite``); a folder without a record (or without images) is taken as is."""
+    from ctrlnet.training.run_folder import (
+        check_output,
+        read_job_record,
+        settings_differences,
+    )
+
+    recorded = read_job_record(out / JOB_RECORD) if done else None
+    diff = settings_differences(recorded, settings) if recorded is not None else []
+    holds = [f"{done} images made with other settings ({'; '.join(diff)})"] if diff else []
+    return check_output(out, resume=False, overwrite=overwrite, holds=holds, kind="batch",
+                        hint="rerun with the recorded settings to finish it, choose another --out, or pass "
+                             "--overwrite to move it aside and start over")
 
 
 def _process_state(device: str):
@@ -98,11 +144,17 @@ def _cmd_batch(args) -> int:
 
     from ctrlnet.atomic import remove_stale_temps
     from ctrlnet.generation.batch import list_images, pending, plan_items
-    from ctrlnet.image import load_image, save_image
+    from ctrlnet.image import ImageError, load_image, save_image
     from ctrlnet.interfaces.cli import _request_from_args
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
-    from ctrlnet.interfaces.outputs import check_output_dir, result_chunks
+    from ctrlnet.interfaces.outputs import (
+        check_output_dir,
+        result_chunks,
+        source_picture,
+        source_units,
+    )
     from ctrlnet.pipeline import generate
+    from ctrlnet.training.run_folder import write_job_record
 
     # everything that can be wrong with the inputs, before models load
     _check_flags(args)
@@ -110,10 +162,20 @@ def _cmd_batch(args) -> int:
         return _batch_video(args)
     if args.reference or args.colorizer:
         raise ValueError("--reference/--colorizer go with a video input")
-    items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX,))
-    out = check_output_dir(args.out)
+    items = plan_items(list_images(args.input), args.out, args.seed, (MAP_SUFFIX, SOURCE_SUFFIX))
+    settings = job_settings(args)
+    claim = check_job(Path(args.out).expanduser(), settings, len(items) - len(pending(items)), args.overwrite)
     state = _process_state(args.device)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if state is None or state.is_main_process:
+        if claim.starts_over:
+            claim.apply()
+            print(f"moved the earlier batch in {claim.path} aside to {claim.moved_to}", flush=True)
+        out = check_output_dir(args.out)
+        write_job_record(out / JOB_RECORD, settings)
+    if state is not None:
+        state.wait_for_everyone()  # the folder is claimed before any process looks at it
+    out = check_output_dir(args.out)
     remove_stale_temps(out, recursive=False)  # only temps whose writer process is gone
     todo = pending(items)
     if state is not None:
@@ -130,24 +192,39 @@ def _cmd_batch(args) -> int:
         with tqdm(total=len(mine), desc="batch" if world == 1 else f"batch (process {rank} of {world})",
                   unit="image", disable=not show) as bar:
             for item in mine:
-                image = load_image(item.source, keep_alpha=True)
-                req = _request_from_args(args, loaded.models, {"controls": [image], "init_image": None, "mask": None})
-                req.seed = item.seed
-                req.validate()
-                result = generate(loaded.models, req)
+                try:
+                    image = load_image(item.source, keep_alpha=True)
+                    req = _request_from_args(args, loaded.models, {"controls": [image], "init_image": None,
+                                                                   "mask": None})
+                    req.seed = item.seed
+                    req.validate()
+                    result = generate(loaded.models, req)
+                except ImageError as e:  # one unreadable or unusable input must not end a long job
+                    msg = str(e) if str(item.source) in str(e) else f"{item.source}: {e}"
+                    print(f"skipped {msg}", file=sys.stderr, flush=True)
+                    bar.update(1)
+                    continue
                 map_name = item.source.stem + MAP_SUFFIX
                 save_image(result.control_maps[0], out / map_name)
+                sources = {}
+                if source_units(req):  # hires fix: the map of one pass cannot stand for both
+                    sources[0] = save_image(source_picture(req.controls[0]), out / (item.source.stem + SOURCE_SUFFIX)).name
                 # the image last: it marks the item finished
                 save_image(result.images[0], item.output,
                            result_chunks(result, loaded.base, loaded.controlnets, loaded.dtype_name, [map_name],
-                                         vae=loaded.vae, extras=extra))
+                                         vae=loaded.vae, extras=extra, control_sources=sources))
                 bar.update(1)
     if state is not None:
         state.wait_for_everyone()
+    left = pending(items)  # what no process could make (each named its cause above)
     if state is None or state.is_main_process:
-        print(f"{len(items) - len(todo)} of {len(items)} already done; wrote {len(todo)} to {out}"
+        print(f"{len(items) - len(todo)} of {len(items)} already done; wrote {len(todo) - len(left)} to {out}"
               + (f" with {world} processes" if world > 1 else ""), flush=True)
-    return 0
+        if left:
+            names = ", ".join(str(it.source) for it in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            print(f"{len(left)} inputs could not be used ({names}; causes above): fix or remove them and rerun "
+                  "to finish the job", file=sys.stderr, flush=True)
+    return 1 if left else 0
 
 
 

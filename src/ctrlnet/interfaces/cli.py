@@ -47,7 +47,8 @@ def _add_generate(sub) -> None:
     add_request_args(p)
     p.add_argument("--from-png", default=None, metavar="PNG",
                    help="redo the image a previous run wrote: its settings, seed, models and control maps "
-                        "(saved next to it) are read from the PNG; --base/--controlnet/--out override")
+                        "(saved next to it) are read from the PNG; --base/--controlnet/--vae/--out override (the "
+                        "other settings flags are refused: they would be ignored)")
     p.add_argument("--out", default="outputs", help="output folder")
     add_model_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -257,6 +258,38 @@ def _request_from_args(args, models, inputs: dict):
     )
 
 
+def _flags_ignored_by_from_png(args) -> list[str]:
+    """The request flags given with --from-png (other than the ones it honours), which it would
+    ignore: every setting comes from the PNG's record."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--control", action="append", default=[])
+    add_request_args(p)
+    defaults = vars(p.parse_args([]))
+    return ["--" + k.replace("_", "-") for k, v in defaults.items()
+            if k not in ("embeddings", "lora_dir") and getattr(args, k, v) != v]
+
+
+def _check_before_loading(args, inputs: dict) -> None:
+    """Refuse what the flags ask for before any model loads (loading a full-size model takes
+    seconds to minutes): the request's ranges and sampler options, and every pass's size against
+    --max-pixels. The sampling defaults come from the model files' headers, as loading reads
+    them; a file that cannot be read is left to the loader, which names what is wrong with it."""
+    from types import SimpleNamespace
+
+    from ctrlnet.generation.plan import plan_sizes
+    from ctrlnet.interfaces.model_args import name_controlnets, resolve_name
+    from ctrlnet.pipeline import file_defaults
+
+    nets = name_controlnets(args.controlnet)
+    try:
+        defaults = file_defaults(resolve_name(args.base), {k: resolve_name(v) for k, v in nets.items()})
+    except (OSError, ValueError):
+        return
+    req = _request_from_args(args, SimpleNamespace(controlnets=dict.fromkeys(nets), defaults=defaults), inputs)
+    req.validate()
+    plan_sizes(req)
+
+
 def _cmd_generate(args) -> int:
     from ctrlnet.interfaces.model_args import load_named, name_controlnets
     from ctrlnet.interfaces.outputs import check_output_dir, read_record, save_result
@@ -266,6 +299,12 @@ def _cmd_generate(args) -> int:
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
     compile_opt = {"compile": args.compile}
     if args.from_png:
+        ignored = _flags_ignored_by_from_png(args)
+        if ignored:
+            raise ValueError(f"--from-png makes the recorded image again with the settings in the PNG, so "
+                             f"{', '.join(ignored)} would be ignored; leave {'it' if len(ignored) == 1 else 'them'} "
+                             "out (only --base, --controlnet, --vae, --embeddings, --lora-dir, --out and the device "
+                             "flags apply), or generate without --from-png to choose the settings")
         rec = read_record(args.from_png)
         extra = {"embeddings": args.embeddings or rec.embeddings, "lora_dirs": args.lora_dir or rec.lora_dirs}
         base = args.base if args.base is not None else rec.base
@@ -278,6 +317,7 @@ def _cmd_generate(args) -> int:
     else:
         check_annotators(args)
         inputs = _read_inputs(args)
+        _check_before_loading(args, inputs)
         loaded = load_named(args.base, name_controlnets(args.controlnet), args.device, args.dtype,
                             args.low_vram, args.parameterization, vae=args.vae, **extra, **compile_opt)
         req = _request_from_args(args, loaded.models, inputs)
@@ -304,6 +344,7 @@ def _add_annotate(sub) -> None:
     p.add_argument("--resolution", type=int, default=None, help="resize the short side first (as the apps do)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="annotator parameter (numbers are parsed), repeatable")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_annotate)
 
 
@@ -314,6 +355,20 @@ def _parse_value(v: str):
         except ValueError:
             pass
     return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def check_new_output(out, force: bool, inputs=()) -> Path:
+    """Refuse (ValueError, before any work) an output file that exists, unless ``force``, and one
+    that is an input of the command even with ``force`` (it would be replaced by what it made)."""
+    out = Path(out).expanduser()
+    for inp in inputs:
+        if inp is not None and Path(inp).expanduser().resolve() == out.resolve():
+            raise ValueError(f"{out} is an input of this command; write the output to another file")
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give an output file name")
+    if out.exists() and not force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    return out
 
 
 def _cmd_annotate(args) -> int:
@@ -333,6 +388,7 @@ def _cmd_annotate(args) -> int:
             return EXIT_USAGE
         k, v = kv.split("=", 1)
         params[k] = _parse_value(v)
+    check_new_output(args.output, args.force, [args.input])
     img = load_image(args.input)
     if args.resolution:
         img = resize_image(img, args.resolution)

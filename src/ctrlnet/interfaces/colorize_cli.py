@@ -87,6 +87,7 @@ def add_colorize_parser(subparsers) -> argparse.ArgumentParser:
     im.add_argument("input", help="grayscale (or colour: only its lightness is used) image")
     im.add_argument("--reference", required=True, help="colour image whose colours to use")
     im.add_argument("--out", default=None, help="output PNG (default: INPUT-colorized.png)")
+    im.add_argument("--force", action="store_true", help="replace an existing output file")
     _add_sampling_args(im, guidance=None, steps=None, seed=0)
     _add_colorizer_args(im)
     im.set_defaults(func=_cmd_image)
@@ -160,6 +161,7 @@ def _cmd_lineart(args) -> int:
     from ctrlnet.colorize.lineart import colorize_lineart, prepare_lineart
     from ctrlnet.image import load_image, save_image
     from ctrlnet.interfaces.model_args import load_from_args
+    from ctrlnet.interfaces.outputs import free_name
     from ctrlnet.pipeline import result_metadata
 
     if args.base is None and not args.controlnet:
@@ -188,20 +190,23 @@ def _cmd_lineart(args) -> int:
     out = Path(args.out)
     stem = Path(args.input).stem
     meta = result_metadata(res, loaded.base or "demo")
+    # a rerun with other settings and the same seed adds files (-1, -2...), as `generate` does
     for i, img in enumerate(res.images):
-        print(save_image(img, out / f"{stem}-lineart-{res.seed}-{i}.png", meta))
+        print(save_image(img, free_name(out, f"{stem}-lineart-{res.seed}-{i}"), meta))
     if args.save_map:
-        print(save_image(prepare_lineart(image, invert, binarize, args.min_area), out / f"{stem}-lineart-map.png"))
+        print(save_image(prepare_lineart(image, invert, binarize, args.min_area), free_name(out, f"{stem}-lineart-map")))
     return 0
 
 
 def _cmd_image(args) -> int:
     from ctrlnet.colorize.reference import colorize_image
     from ctrlnet.image import load_image, save_image
+    from ctrlnet.interfaces.cli import check_new_output
 
+    out = Path(args.out) if args.out else Path(args.input).with_name(Path(args.input).stem + "-colorized.png")
+    check_new_output(out, args.force, [args.input, args.reference])  # before the models load
     gray, ref = load_image(args.input), load_image(args.reference)
     models = _load_colorizer(args)
-    out = Path(args.out) if args.out else Path(args.input).with_name(Path(args.input).stem + "-colorized.png")
     print(save_image(colorize_image(models, gray, ref, _options(args)), out))
     return 0
 

@@ -284,14 +284,17 @@ def add_add_control_parser(sub) -> None:
     p.add_argument("out")
     p.add_argument("--full", action="store_true", help="also write the base model (one single file)")
     p.add_argument("--hint-channels", type=int, default=3)
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_add_control)
 
 
 def _cmd_add_control(args) -> int:
     from ctrlnet.checkpoints.save import PREFIXES, save_model_file
+    from ctrlnet.interfaces.cli import check_new_output
     from ctrlnet.models.controlnet import ControlNet
     from ctrlnet.training.models import load_models
 
+    check_new_output(args.out, args.force, [args.base])  # a trained ControlNet of that name would be lost
     m = load_models(args.base, add_control=False)
     cn = ControlNet.from_unet(m.unet, args.hint_channels)
     parts = {PREFIXES["controlnet"]: cn.state_dict()}

@@ -37,17 +37,32 @@ def write_jsonl(path, rows: Iterable[Mapping]) -> Path:
     return path
 
 
-def read_jsonl(path) -> list[dict]:
-    """Rows of a JSON-lines file; a malformed line is reported with its number."""
+def read_jsonl(path, required: Sequence[str] = ()) -> list[dict]:
+    """Rows of a JSON-lines file; a malformed line is reported with its (1-based) number.
+
+    ``required``: fields every row must have; the first row that is not a JSON object or lacks
+    one raises ValueError naming the line, the missing fields and the fields it has (so a data set
+    written with other column names fails before any model loads, not row by row in training).
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if required:
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{i}: a row must be a JSON object with fields "
+                                     f"{', '.join(map(repr, required))}; got {type(row).__name__}")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise ValueError(f"{path}:{i}: no {' or '.join(map(repr, missing))} field (has "
+                                     f"{', '.join(map(repr, sorted(row))) or 'none'}); every row needs "
+                                     f"{', '.join(map(repr, required))}")
+            rows.append(row)
     return rows
 
 

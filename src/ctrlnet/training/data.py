@@ -157,7 +157,11 @@ def prompt_json_dataset(root, **kwargs) -> PairDataset:
     pj = root / "prompt.json" if root.is_dir() else root
     if not pj.is_file():
         raise DataError(f"no prompt.json at {pj}")
-    return PairDataset(read_jsonl(pj), pj.parent, name=str(pj), **kwargs)
+    try:
+        rows = read_jsonl(pj, required=("source", "target"))
+    except ValueError as e:  # a malformed line or a row without the fields, named by line number
+        raise DataError(str(e)) from None
+    return PairDataset(rows, pj.parent, name=str(pj), **kwargs)
 
 
 def imagefolder_dataset(root, image_column: str = "image", conditioning_image_column: str = "conditioning_image",
@@ -216,8 +220,20 @@ class LatentDataset(Dataset):
         return {"latents": self.moments[idx].float(), "hint": hint, "txt": self.prompts[idx], "skipped": []}
 
 
+def worker_message(e: DataError) -> str:
+    """The message of a :class:`DataError` raised in a data loader worker: torch re-raises it in the
+    main process with the worker's whole traceback as its text; the message is its last line."""
+    text = str(e)
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    return text.rsplit(marker, 1)[1].strip() if "Original Traceback" in text and marker in text else text
+
+
 def collate(items: Sequence[dict]) -> dict:
-    """Stack arrays, keep prompts as a list and flatten the ``skipped`` lists."""
+    """Stack arrays, keep prompts as a list and flatten the ``skipped`` lists.
+
+    Raises :class:`DataError` when the examples of one batch differ in size (a data set of mixed
+    image sizes trained without a resolution, which keeps each example's own size), saying how
+    to train on it; torch's own error named neither the cause nor the fix."""
     out: dict = {"skipped": [s for it in items for s in it.get("skipped", [])]}
     for key in items[0]:
         if key == "skipped":
@@ -225,6 +241,14 @@ def collate(items: Sequence[dict]) -> dict:
         vals = [it[key] for it in items]
         if isinstance(vals[0], str):
             out[key] = list(vals)
-        else:
-            out[key] = torch.stack([torch.as_tensor(v) for v in vals])
+            continue
+        vals = [torch.as_tensor(v) for v in vals]
+        shapes = sorted({tuple(v.shape) for v in vals})
+        if len(shapes) > 1:
+            sizes = " and ".join(f"{s[1]}x{s[0]}" if key in ("jpg", "hint") else "x".join(map(str, s))
+                                 for s in shapes)
+            raise DataError(f"the examples of one batch differ in size ({key}: {sizes}); the data set's images "
+                            "are not all one size: train with --resolution N (a multiple of 64: every example "
+                            "scaled and cropped to N x N), or with --batch-size 1")
+        out[key] = torch.stack(vals)
     return out

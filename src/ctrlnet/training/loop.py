@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ctrlnet.sampling.schedule import DiscreteSchedule
 from ctrlnet.training import state as st
-from ctrlnet.training.data import collate
+from ctrlnet.training.data import DataError, collate, worker_message
 from ctrlnet.training.logger import RunLogger, plot_loss
 from ctrlnet.training.models import (
     Mode,
@@ -425,7 +425,10 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         while step < cfg.steps and not flag.stop:
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                batch = next(data_iter)
+                try:
+                    batch = next(data_iter)
+                except DataError as e:  # from a worker: its message, not the worker's traceback
+                    raise DataError(worker_message(e)) from None
                 micro_seen += 1
                 skipped_total += len(batch["skipped"])
                 g = torch.Generator().manual_seed(derived_seed(cfg.seed, step, micro, rank))
