@@ -276,6 +276,62 @@ def test_case4_settings_that_cannot_change_are_refused_naming_both_values(setup,
     assert _snapshot(run) == before
 
 
+def test_case4_other_data_or_base_on_resume_is_refused_before_models_load(setup, tmp_path, capsys, monkeypatch):
+    """A resume on other data (more examples, another --resolution, --invert-source) or against
+    another base of the same layout continues the checkpoint's run on different inputs: refused,
+    naming what differs, with nothing in the run folder changed; the data before the models load."""
+    from helpers import randomize_
+
+    from ctrlnet.config import TINY_SD1
+    from ctrlnet.training import models as train_models
+    from ctrlnet.training.builders import make_fill50k
+    from ctrlnet.training.models import build_models, export_models
+
+    run = _copy_run(setup, tmp_path)
+    ck2 = st.checkpoint_path(run / "checkpoints", 2)
+    recorded = torch.load(ck2, weights_only=False)["inputs"]
+    assert recorded["examples"] == 6 and recorded["resolution"] is None and len(recorded["frozen_weights"]) == 64
+    before = _snapshot(run)
+    make_fill50k(tmp_path / "more", 8, 64, seed=3)  # the same 6 examples and 2 more
+    loads = []
+    monkeypatch.setattr(train_models, "load_models", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+    for extra, data, said in [
+        ((), tmp_path / "more", "the data set has other examples (the data order) (examples: now 8, the checkpoint's 6); "
+                                "the data set's rows (image files and prompts) differ (rows_sha256: now "),
+        (("--resolution", "64"), setup["data"],
+         "the images are resized to another --resolution (resolution: now 64, the checkpoint's None)"),
+        (("--invert-source",), setup["data"],
+         "the control images are inverted differently (--invert-source) (invert_source: now True, the checkpoint's "
+         "False)"),
+    ]:
+        args = _args(setup, run, "--resume", *extra, steps=3)
+        args[1] = str(data)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ctrlnet train: error: cannot resume from {ck2}: {said}"), err
+        assert err.endswith(". Resume with the first run's data, --resolution, --invert-source and --base, or start "
+                            "a new run (--overwrite, or another --out)\n")
+    assert loads == [] and _snapshot(run) == before
+    monkeypatch.undo()
+    # a moved data folder is the same data (paths are kept relative to it)
+    shutil.copytree(setup["data"], tmp_path / "moved")
+    # another base of the same layout: found once the models are built, before any step
+    m = build_models(TINY_SD1, with_controlnet=False)
+    randomize_(m.unet, seed=2, scale=0.05)
+    export_models(m, tmp_path / "other.safetensors", "base")
+    args = _args(setup, run, "--resume", steps=3, base=tmp_path / "other.safetensors")
+    args[1] = str(tmp_path / "moved")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ctrlnet train: error: cannot resume from {ck2}: the frozen weights differ: another --base "
+                          "(or VAE, text encoder) than the run's (frozen_weights: now "), err
+    assert _snapshot(run) == before
+    # the same base from the moved data folder resumes
+    assert main(_args(setup, run, "--resume", steps=3)[:1] + [str(tmp_path / "moved")]
+                + _args(setup, run, "--resume", steps=3)[2:]) == 0
+    assert [s for s, _ in st.list_checkpoints(run / "checkpoints")] == [2, 3]
+
+
 def test_case4_every_setting_is_either_applied_or_refused_and_help_says_which(capsys):
     from dataclasses import fields
 

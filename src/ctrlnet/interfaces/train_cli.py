@@ -140,7 +140,7 @@ def _models_for(args):
 def _cmd_train(args) -> int:
     import torch
 
-    from ctrlnet.training.data import collate, open_dataset
+    from ctrlnet.training.data import collate, dataset_record, open_dataset
     from ctrlnet.training.loop import export_result, train
     from ctrlnet.training.run_start import plan_run
 
@@ -155,6 +155,7 @@ def _cmd_train(args) -> int:
     ds = open_dataset(args.data, resolution=args.resolution, invert_source=args.invert_source, strict=args.strict,
                       image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
                       caption_column=args.caption_column)
+    start.check_inputs(dataset_record(ds))  # other data: refused before the models load
     models = _models_for(args)
     preview = None
     if args.sample_every:

@@ -11,6 +11,8 @@ them across workers), or, with ``strict=True``, raised as :class:`DataError` nam
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +86,24 @@ class PairDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def record(self) -> dict:
+        """What a checkpoint records of this data set, so that a resume on other data is noticed
+        (:func:`ctrlnet.training.resume_settings.resume_input_changes`): the number of examples, a
+        SHA-256 of the rows (image paths relative to the data folder, so a moved folder is the
+        same data) and the settings that change the images trained on."""
+        rows = [{k: self._relative(v) if k in ("source", "target") else v for k, v in r.items()} for r in self.rows]
+        blob = json.dumps(rows, sort_keys=True, default=str).encode()
+        return {"examples": len(self.rows), "rows_sha256": hashlib.sha256(blob).hexdigest(),
+                "resolution": self.resolution, "invert_source": self.invert_source,
+                "random_crop": self.random_crop, "crop_size": self.crop_size}
+
+    def _relative(self, path) -> str:
+        p = Path(str(path))
+        try:
+            return p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
+        except ValueError:
+            return p.as_posix()
 
     def _path(self, rel) -> Path:
         p = Path(rel)
@@ -212,12 +232,30 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def record(self) -> dict:
+        """As :meth:`PairDataset.record`: the number of examples and a SHA-256 of the prompts, the
+        moments' shape and the hints' shape (the tensors themselves are not hashed: they are large,
+        and made from the prompts' images)."""
+        blob = json.dumps([self.prompts, list(self.moments.shape), list(self.hints.shape)]).encode()
+        return {"examples": len(self.prompts), "rows_sha256": hashlib.sha256(blob).hexdigest()}
+
     def __getitem__(self, key) -> dict:
         idx = key[0] if isinstance(key, tuple) else key
         hint = self.hints[idx].float() / 255.0
         if hint.ndim == 2:  # stored as one gray channel to save memory
             hint = hint[:, :, None].expand(-1, -1, 3)
         return {"latents": self.moments[idx].float(), "hint": hint, "txt": self.prompts[idx], "skipped": []}
+
+
+def dataset_record(dataset) -> dict | None:
+    """``dataset.record()`` when the data set has one (:class:`PairDataset`, :class:`LatentDataset`),
+    else its length, else None (a data set given through the Python API without either)."""
+    if hasattr(dataset, "record"):
+        return dataset.record()
+    try:
+        return {"examples": len(dataset)}
+    except TypeError:
+        return None
 
 
 def worker_message(e: DataError) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ctrlnet.sampling.schedule import DiscreteSchedule
 from ctrlnet.training import state as st
-from ctrlnet.training.data import DataError, collate, worker_message
+from ctrlnet.training.data import DataError, collate, dataset_record, worker_message
 from ctrlnet.training.logger import RunLogger, plot_loss
 from ctrlnet.training.models import (
     Mode,
@@ -35,7 +35,7 @@ from ctrlnet.training.models import (
     set_gradient_checkpointing,
 )
 from ctrlnet.training.previews import write_preview
-from ctrlnet.training.resume_settings import ResumeRefused
+from ctrlnet.training.resume_settings import ResumeRefused, frozen_fingerprint
 from ctrlnet.training.run_start import RunStart, plan_run
 
 
@@ -307,6 +307,12 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                                  cfg.train_encoder)
     if not trainable:
         raise ValueError("nothing to train")
+    # what the run learns from and against: a resume with other data or another base is refused
+    trained = {id(p) for p in trainable.values()}
+    run_inputs = dict(dataset_record(dataset) or {})
+    run_inputs["frozen_weights"] = frozen_fingerprint(
+        (f"{k}.{n}", p) for k, m in models.modules().items() for n, p in m.named_parameters() if id(p) not in trained)
+    start.check_inputs(run_inputs)
     for m in models.modules().values():
         m.to(device)
         m.train() if any(p.requires_grad for p in m.parameters()) else m.eval()
@@ -383,7 +389,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 "ema": ema.state_dict() if ema is not None else None,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": st.rng_state(), "micro_batches": micro_seen,
-                "train_config": asdict(cfg), "model_config": asdict(models.config),
+                "train_config": asdict(cfg), "model_config": asdict(models.config), "inputs": run_inputs,
             }
             path = st.save_checkpoint(ckpt_dir, step_now, state, cfg.keep_last, cfg.keep_every)
             plot_loss(logger.csv_path, run_dir / "loss.png", f"{cfg.mode} training loss")

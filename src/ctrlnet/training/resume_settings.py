@@ -10,6 +10,7 @@ This module imports nothing heavy: the command line's ``--help`` reads it.
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from dataclasses import asdict, is_dataclass
 
@@ -37,6 +38,17 @@ REFUSED_ON_RESUME = {
     "mixed_precision": "the numerics and the grad scaler", "ema_decay": "the EMA's averaging",
 }
 
+# what a checkpoint records of the run's inputs (``state["inputs"]``) -> what a change would mean;
+# every difference is refused, as the settings of REFUSED_ON_RESUME are
+RECORDED_INPUTS = {
+    "examples": "the data set has other examples (the data order)",
+    "rows_sha256": "the data set's rows (image files and prompts) differ",
+    "resolution": "the images are resized to another --resolution",
+    "invert_source": "the control images are inverted differently (--invert-source)",
+    "random_crop": "the crops differ", "crop_size": "the crops differ",
+    "frozen_weights": "the frozen weights differ: another --base (or VAE, text encoder) than the run's",
+}
+
 
 def resume_settings_help(flags: dict[str, str] | None = None, width: int = 100) -> str:
     """The resume rules in words, for ``--help``; ``flags`` maps setting names to the option that
@@ -51,7 +63,10 @@ def resume_settings_help(flags: dict[str, str] | None = None, width: int = 100) 
 
     return "\n".join(["settings on resume, when they differ from the checkpoint's:",
                       para("applied from the next step", APPLIED_ON_RESUME),
-                      para("refused (the run stops, naming the setting and both values)", REFUSED_ON_RESUME)])
+                      para("refused (the run stops, naming the setting and both values)", REFUSED_ON_RESUME),
+                      textwrap.fill("  also refused: other training data (its examples, --resolution, "
+                                    "--invert-source) or another --base than the checkpoint's", width,
+                                    subsequent_indent="    ")])
 
 
 class ResumeRefused(ValueError):
@@ -74,3 +89,30 @@ def resume_setting_changes(recorded: dict | None, cfg) -> tuple[list[str], list[
         else:
             applied.append(f"{k}: {now[k]!r} (the checkpoint's was {recorded[k]!r}), applied")
     return applied, refused
+
+
+def frozen_fingerprint(named_tensors) -> str:
+    """A SHA-256 over the frozen weights' names, shapes and first and last 256 values (as fp32):
+    enough to tell two trained models apart (their weights differ everywhere) without reading
+    gigabytes. ``named_tensors``: (name, tensor) pairs, in any order."""
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda nt: nt[0]):
+        flat = t.detach().reshape(-1)
+        ends = flat[:256] if flat.numel() <= 512 else flat[[*range(256), *range(flat.numel() - 256, flat.numel())]]
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(ends.float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def resume_input_changes(recorded: dict | None, now: dict) -> list[str]:
+    """One sentence per recorded input of the run (``now``: :meth:`PairDataset.record`'s keys and
+    ``frozen_weights``) that differs from the checkpoint's ``inputs``; none for a checkpoint that
+    recorded none (written before inputs were recorded)."""
+    if not recorded:
+        return []
+    out = []
+    for k, v in now.items():
+        if k in recorded and recorded[k] != v:
+            shown = (lambda x: f"{x[:12]}..." if isinstance(x, str) and len(x) == 64 else repr(x))
+            out.append(f"{RECORDED_INPUTS.get(k, k)} ({k}: now {shown(v)}, the checkpoint's {shown(recorded[k])})")
+    return out

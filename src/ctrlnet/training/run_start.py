@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ctrlnet.training import state as st
 from ctrlnet.training.logger import read_loss_csv
-from ctrlnet.training.resume_settings import ResumeRefused, resume_setting_changes
+from ctrlnet.training.resume_settings import ResumeRefused, resume_input_changes, resume_setting_changes
 from ctrlnet.training.run_folder import OutputClaim, OutputInUse, check_output, is_inside, set_aside
 
 if TYPE_CHECKING:
@@ -68,6 +68,18 @@ class RunStart:
             notes.append(f"set aside {path.name} as {dest.name}: it is newer than {self.checkpoint.name}, "
                          "which this run continues")
         return notes + self.notes
+
+    def check_inputs(self, now: dict) -> None:
+        """Raise :class:`ResumeRefused` when the run resumes a checkpoint whose recorded inputs
+        (``state["inputs"]``: the data set's record, the frozen weights' fingerprint) differ from
+        ``now`` in any key both have, naming each; nothing for a fresh run or an older checkpoint."""
+        if self.state is None:
+            return
+        changed = resume_input_changes(self.state.get("inputs"), now)
+        if changed:
+            raise ResumeRefused(f"cannot resume from {self.checkpoint}: " + "; ".join(changed)
+                                + ". Resume with the first run's data, --resolution, --invert-source and --base, "
+                                "or start a new run (--overwrite, or another --out)")
 
 
 def plan_run(run_dir, cfg: TrainConfig, resume: bool | str | Path = False, overwrite: bool = False,
