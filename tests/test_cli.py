@@ -35,8 +35,13 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
                "--steps", "1", "--resolution", "64"])
     assert rc == 2
     assert "not a readable image" in capsys.readouterr().err
-    rc = main(["generate", "--base", "random:tiny-sd1", "--steps", "0"])
+    rc = main(["generate", "--base", "random:tiny-sd1", "--steps", "0", "--out", str(tmp_path / "new" / "out")])
     assert rc == 2 and "steps=0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a refused run leaves no empty folder behind
+    (tmp_path / "file").write_text("x")
+    rc = main(["generate", "--base", "random:tiny-sd1", "--out", str(tmp_path / "file" / "out")])
+    assert rc == 2 and f"output folder {tmp_path / 'file' / 'out'} cannot be used: {tmp_path / 'file'} is a file" \
+        in capsys.readouterr().err
 
 
 def test_annotate_command(tmp_path):

@@ -295,7 +295,7 @@ def _cmd_generate(args) -> int:
     from ctrlnet.interfaces.outputs import check_output_dir, read_record, save_result
     from ctrlnet.pipeline import generate
 
-    check_output_dir(args.out)  # before models load: a bad --out must not cost a whole run
+    check_output_dir(args.out, create=False)  # before models load: a bad --out must not cost a whole run
     extra = {"embeddings": args.embeddings, "lora_dirs": args.lora_dir}
     compile_opt = {"compile": args.compile}
     if args.from_png:

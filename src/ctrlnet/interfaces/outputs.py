@@ -109,21 +109,28 @@ def result_chunks(result: GenerationResult, base: str | None, controlnets: dict[
     return meta
 
 
-def check_output_dir(out_dir) -> Path:
+def check_output_dir(out_dir, create: bool = True) -> Path:
     """Make sure results can be written to ``out_dir`` before any work: refuse (ValueError naming the
-    cause) a path that is a file, lies under a file, or is a folder we cannot write to."""
+    cause) a path that is a file, lies under a file, or is a folder we cannot write to.
+
+    ``create=False`` leaves a missing folder uncreated (``generate`` makes it when it saves, so a
+    run refused later leaves no empty folder behind) and probes its nearest existing parent."""
     import os
     import tempfile
 
     out = Path(out_dir).expanduser()
+    existing = out
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise ValueError(f"output folder {out} cannot be used: {p} is a file")
         if p.exists():
+            existing = p
             break
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out)
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+            existing = out
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
