@@ -167,7 +167,19 @@ def _first_call(label, call, wrappers, wrap_s):
     read = sum(w.stats["loaded"] for w in wrappers)
     print(f"  {label}: weights hashed in {wrap_s:.1f} s; first call {total:.1f} s "
           f"({conv} graphs converted in {sum(w.stats['convert_s'] for w in wrappers):.1f} s, "
-          f"{read} read from the cache and compiled in {sum(w.stats['load_s'] for w in wrappers):.1f} s)", flush=True)
+          f"{read} read from the cache and compiled in {sum(w.stats['load_s'] for w in wrappers):.1f} s); "
+          f"process memory now: {_memory()}", flush=True)
+
+
+def _memory() -> str:
+    """Resident memory of this process (Linux): anonymous (ours) and file-backed (mapped files,
+    which the system can drop and read again)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return "unknown"
+    gib = {k: int(fields[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile") if k in fields}
+    return ", ".join(f"{k[3:].lower()} {v:.1f} GiB" for k, v in gib.items()) or "unknown"
 
 
 def _profile(fn, top: int) -> None:
@@ -243,6 +255,7 @@ def main() -> None:
         # channels-last weights, as load_models stores them on CPU and CUDA
         for m in (unet, cn):
             m.to(dev, dt, memory_format=cl)
+        print(f"  {name}: process memory with our modules: {_memory()}", flush=True)
         xs, hs, cs = x.to(dev, dt), hint.to(dev, dt), ctx.to(dev, dt)
         t = ts.to(dev)
         xs_cl, hs_cl = xs.contiguous(memory_format=cl), hs.contiguous(memory_format=cl)
@@ -282,7 +295,7 @@ def main() -> None:
             cache = args.openvino_cache / "ctrlnet"
             label = "ours (OpenVINO backend)"
             for attempt in ("first load", "second load"):
-                ou = oc = None
+                ou = oc = wrappers = ov_call = None  # the first load's copies and graphs go first
                 gc.collect()
                 ou, oc, wrappers, wrap_s = _backend_load(unet, cn, cache, label)
 
@@ -294,7 +307,8 @@ def main() -> None:
         if ir:
             t0 = time.perf_counter()
             run, ov_version = _openvino_step(ir, (x, ts, ctx, hint), dt)
-            print(f"  openvino {ov_version}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  openvino {ov_version}: compiled in {time.perf_counter() - t0:.0f} s; process memory now: "
+                  f"{_memory()}", flush=True)
             cands["openvino"] = run
 
         ref = ours().float()

@@ -236,3 +236,24 @@ def test_disk_cache_is_reused_by_the_same_model_only(pairs):
     entries = sorted((pairs.cache / "openvino").iterdir())
     assert entries and all(e.is_dir() and not e.name.startswith(".") for e in entries), entries
     assert all(sorted(f.name for f in e.iterdir()) == ["meta.json", "model.bin", "model.xml"] for e in entries)
+
+
+def test_weight_changes_are_tracked_per_tensor(pairs):
+    """Two weights edited in place, then restored one at a time: the module counts as changed
+    until both are back bit for bit (no conversion involved: the check alone)."""
+    unet = copy.deepcopy(pairs("fp32")[0].base.unet)
+    w = OpenVINOModule(unet, None)
+    a, b = unet.out[2].bias, unet.input_blocks[0][0].weight
+    saved_a, saved_b = a.detach().clone(), b.detach().clone()
+    assert w._weights_unchanged()
+    with torch.no_grad():
+        a.add_(1.0)
+        b.mul_(2.0)
+        assert not w._weights_unchanged()
+        a.copy_(saved_a)
+        assert not w._weights_unchanged()  # b still differs
+        b.copy_(saved_b)
+    assert w._weights_unchanged()
+    with torch.no_grad():
+        b.copy_(saved_b)  # a write of the same values: hashed again, still the same
+    assert w._weights_unchanged()

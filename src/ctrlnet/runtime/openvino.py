@@ -243,27 +243,35 @@ class OpenVINOModule:
         # that a first call inside a LoRA request runs eager instead of converting the LoRA's weights
         self._digests = {n: _digest(t) for n, t in _named_tensors(module)}
         self._seen = _stamp(module)  # when the weights were last compared
+        self._differs: set[str] = set()  # names of tensors found different from the converted ones
         self._same = True
 
     # -- weights
 
     def _weights_unchanged(self) -> bool:
+        """Whether the module's weights are the ones the graphs hold. Tensors whose stamp moved
+        since the last look are hashed again (all of them: a tensor found different stays so
+        until a later hash finds it back)."""
         stamp = _stamp(self.module)
         if stamp == self._seen:
-            return self._same
-        old = {s[0]: s for s in self._seen or []}
+            return not self._differs
+        old = {s[0]: s for s in self._seen}
         tensors = dict(_named_tensors(self.module))
-        same = set(tensors) == set(self._digests)
-        if same:
+        if set(tensors) != set(self._digests):
+            self._differs = set(tensors) ^ set(self._digests)
+        else:
             for s in stamp:
-                if old.get(s[0]) != s and _digest(tensors[s[0]]) != self._digests[s[0]]:
-                    same = False
-                    break
-        if not same and self._same:
-            _log.warning("%s: its weights differ from the ones converted to OpenVINO (a LoRA merged for this "
-                         "request, or an in-place edit); it runs in PyTorch until they are back",
-                         type(self.module).__name__)
-        elif same and not self._same:
+                if old.get(s[0]) != s:
+                    if _digest(tensors[s[0]]) == self._digests[s[0]]:
+                        self._differs.discard(s[0])
+                    else:
+                        self._differs.add(s[0])
+        was_same, same = self._same, not self._differs
+        if was_same and not same:
+            _log.warning("%s: its weights differ from the ones converted to OpenVINO (%d tensors: a LoRA merged "
+                         "for this request, or an in-place edit); it runs in PyTorch until they are back",
+                         type(self.module).__name__, len(self._differs))
+        elif same and not was_same:
             _log.info("%s: weights are back to the converted ones; running in OpenVINO again", type(self.module).__name__)
         self._seen, self._same = stamp, same
         return same
@@ -310,9 +318,9 @@ class OpenVINOModule:
                 self.module.to(dtype)
         return model, graph.returns_list
 
-    def _save(self, model, folder: Path, returns_list: bool, structure: tuple) -> None:
+    def _save(self, model, folder: Path, returns_list: bool, structure: tuple) -> bool:
         """Write the graph to ``folder`` atomically: into a temp folder of the same parent, then
-        one rename; a failure (disk full) only costs the cache (a warning)."""
+        one rename; a failure (disk full) only costs the cache (a warning, False)."""
         ov = require_openvino()
         from ctrlnet.atomic import pid_alive, temp_owner, temp_path
 
@@ -338,8 +346,10 @@ class OpenVINOModule:
             except OSError:
                 if not (folder / "meta.json").is_file():  # not another process's finished copy
                     raise
+            return True
         except OSError as e:
             _log.warning("could not cache the OpenVINO graph in %s: %s", folder, e)
+            return False
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -362,8 +372,11 @@ class OpenVINOModule:
         converted = model is None
         if converted:
             model, returns_list = self._convert(structure, flat)
-            if folder is not None:
-                self._save(model, folder, returns_list, structure)
+            if folder is not None and self._save(model, folder, returns_list, structure):
+                # compile from the saved file instead: OpenVINO maps its weights from the file, so
+                # the fp32 constants are page cache the system can drop, not a copy in our memory
+                del model
+                model = ov.Core().read_model(str(folder / "model.xml"))
             self.stats["converted"] += 1
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION[self._dtype()]})
         del model
