@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from ctrlnet.generation.bundle import load_models
 from ctrlnet.models.controlnet import ControlNet
@@ -64,6 +65,13 @@ def test_openvino_without_the_package_is_refused_before_any_model_loads(monkeypa
                "--width", "64", "--height", "64", "--steps", "1", "--out", str(tmp_path)])
     assert rc == 2 and "pip install 'ctrlnet[openvino]'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    inp = tmp_path.parent / (tmp_path.name + "-in")
+    inp.mkdir()
+    Image.new("RGB", (64, 64)).save(inp / "a.png")
+    rc = main(["batch", str(inp), "--out", str(tmp_path / "batch"), "--no-progress", "--base", "random:tiny-sd1",
+               "--device", "cpu", "--compile", "openvino", "--prompt", "x", "--resolution", "64", "--steps", "1"])
+    assert rc == 2 and "pip install 'ctrlnet[openvino]'" in capsys.readouterr().err
+    assert not list((tmp_path / "batch").glob("*.png"))
 
 
 def test_openvino_is_refused_off_the_cpu():

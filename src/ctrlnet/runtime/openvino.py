@@ -9,11 +9,12 @@ AVX-512-bf16 CPU. Each module is converted the way ``benchmarks/step.py`` first 
 and the graph is compiled for the CPU with the module's dtype as ``INFERENCE_PRECISION_HINT``
 (converting bf16 modules directly gave NaN in OpenVINO 2026.4; the fp32 graph with a bf16 hint
 does not). The hint is always set: OpenVINO's own default on bf16-capable CPUs is bf16 even for an
-fp32 graph. ``torch.compile(backend="openvino")`` (``openvino.torch``) was tried and not kept:
-with torch 2.13 it fails in dynamo's guards on our step unless ``aot_autograd`` is on, which bakes
-the weights in as constants behind dynamo's back; on any error it silently falls back to inductor,
-and its on-disk cache is keyed by the graph's code only, so a second model of the same
-architecture would reuse the first one's weights.
+fp32 graph. ``torch.compile(backend="openvino")`` (``openvino.torch``) was measured and not kept:
+on the SD1.5 step at 256x256, batch 2, bf16 (2 shared cores, load ~5, interleaved) it took 14.1 s
+a step against 9.0 s for the converted graph (eager: 18.0 s); with torch 2.13 it fails in dynamo's
+guards on our step unless ``aot_autograd`` is on, which bakes the weights in as constants; on any
+error it silently falls back to inductor; and its on-disk cache is keyed by the graph's code
+only, so a second model of the same architecture would reuse the first one's weights.
 
 The converted graphs have dynamic batch, height, width and prompt length (``convert_model``'s
 default for traced inputs), so one conversion per module serves every image size, batch, hires
@@ -24,6 +25,10 @@ saved (OpenVINO IR, fp32 weights, atomically) under ``$CTRLNET_CACHE_DIR/openvin
 ``~/.cache/ctrlnet/openvino``), keyed by the SHA-256 of the weights, the module's class, config and
 source files, the call structure and the OpenVINO and torch versions, so a later process only
 reads and compiles it (seconds) and a different model, dtype or structure never reuses it.
+
+Memory (SD1.5 + one ControlNet, bf16, ``benchmarks/step.py``): OpenVINO's compiled weights add
+about 3 GiB resident next to the modules' own (kept for LoRA requests and the hint encoder), plus
+the saved graphs' fp32 weights mapped from the cache files (4.7 GiB of page cache).
 
 Weights are constants in the compiled graph. Every call compares the module's parameters and
 buffers (their storage and in-place version counters) with the converted ones; when they changed
