@@ -257,3 +257,12 @@ def test_weight_changes_are_tracked_per_tensor(pairs):
     with torch.no_grad():
         b.copy_(saved_b)  # a write of the same values: hashed again, still the same
     assert w._weights_unchanged()
+
+
+def test_a_deep_copy_of_a_wrapped_module_runs_eagerly(pairs):
+    eager, ov = pairs("fp32")
+    twin = copy.deepcopy(ov.base.unet)
+    assert openvino_wrapper(twin) is None and compiled_backend(twin) is None
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.full((1,), 10.0), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(twin(x, t, ctx), eager.base.unet(x, t, ctx))

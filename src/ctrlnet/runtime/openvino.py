@@ -391,6 +391,15 @@ class OpenVINOModule:
         self._graphs[structure] = (compiled, compiled.create_infer_request(), returns_list)
         return self._graphs[structure]
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the wrapped module runs eagerly (its own weights; wrap it again to run
+        it in OpenVINO): ``copy.deepcopy`` has registered the new module before copying its
+        attributes, so its forward is the class's, bound to it."""
+        new = memo.get(id(self.module))
+        if new is None:
+            raise TypeError("an OpenVINOModule is copied with its module only (copy.deepcopy(module))")
+        return type(new).forward.__get__(new)
+
     # -- calls
     def __call__(self, *args, **kwargs):
         eager = type(self.module).forward
