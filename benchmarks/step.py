@@ -22,9 +22,15 @@ is faster). Candidates:
   because in-place LoRA merges would be ignored).
 - ``diffusers`` ``UNet2DConditionModel`` + ``ControlNetModel``, NCHW and channels-last, and with
   ``--compile`` also ``torch.compile``d (inductor, ``freezing=True``) in both layouts.
+- ``ours (OpenVINO backend)``: copies of our two modules through the openvino backend exactly as
+  ``load_models(compile="openvino")`` / ``CTRLNET_COMPILE=openvino`` runs them
+  (:mod:`ctrlnet.runtime.openvino`: each module converted on its first call, or read from its
+  cache, here under ``--openvino-cache``/ctrlnet), the hint encoder cached as in sampling; the
+  one-time cost of the first call (conversion, or reading the cache) and of a second load of
+  fresh copies (which reads the cache, as a new process would) are printed.
 - ``openvino``: our two modules traced as one graph by ``openvino.convert_model`` and compiled
-  for the CPU with the dtype as ``INFERENCE_PRECISION_HINT`` (only when ``openvino`` imports;
-  it is not a dependency of ctrlnet).
+  for the CPU with the dtype as ``INFERENCE_PRECISION_HINT`` (only when ``openvino`` imports:
+  ``pip install 'ctrlnet[openvino]'``).
 
 Tolerances (max |difference| / max |output|): 1e-3 in fp32; 5e-2 in bf16 (8 mantissa bits through
 ~100 layers of random weights; ours vs diffusers differ in summation order only).
@@ -33,6 +39,8 @@ Tolerances (max |difference| / max |output|): 1e-3 in fp32; 5e-2 in bf16 (8 mant
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import statistics
 import tempfile
 import time
@@ -137,6 +145,43 @@ def _compiled(label: str, modules, call, **options):
     return torch.inference_mode()(lambda: call(*compiled))
 
 
+def _backend_load(unet, cn, cache: Path, label: str):
+    """Copies of ``unet`` and ``cn`` on the openvino backend (as ``load_models`` puts them there)
+    and their first call, timed: wrapping (hashing the weights) and the first call (converting or
+    reading the cache, compiling, running)."""
+    from ctrlnet.runtime.openvino import use_openvino
+
+    u, c = copy.deepcopy(unet), copy.deepcopy(cn)
+    t0 = time.perf_counter()
+    wrappers = use_openvino([u, c], cache_dir=cache)
+    t1 = time.perf_counter()
+    return u, c, wrappers, t1 - t0
+
+
+def _first_call(label, call, wrappers, wrap_s):
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        call()
+    total = time.perf_counter() - t0
+    conv = sum(w.stats["converted"] for w in wrappers)
+    read = sum(w.stats["loaded"] for w in wrappers)
+    print(f"  {label}: weights hashed in {wrap_s:.1f} s; first call {total:.1f} s "
+          f"({conv} graphs converted in {sum(w.stats['convert_s'] for w in wrappers):.1f} s, "
+          f"{read} read from the cache and compiled in {sum(w.stats['load_s'] for w in wrappers):.1f} s); "
+          f"process memory now: {_memory()}", flush=True)
+
+
+def _memory() -> str:
+    """Resident memory of this process (Linux): anonymous (ours) and file-backed (mapped files,
+    which the system can drop and read again)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return "unknown"
+    gib = {k: int(fields[k].split()[0]) / 2**20 for k in ("RssAnon", "RssFile") if k in fields}
+    return ", ".join(f"{k[3:].lower()} {v:.1f} GiB" for k, v in gib.items()) or "unknown"
+
+
 def _profile(fn, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -210,6 +255,7 @@ def main() -> None:
         # channels-last weights, as load_models stores them on CPU and CUDA
         for m in (unet, cn):
             m.to(dev, dt, memory_format=cl)
+        print(f"  {name}: process memory with our modules: {_memory()}", flush=True)
         xs, hs, cs = x.to(dev, dt), hint.to(dev, dt), ctx.to(dev, dt)
         t = ts.to(dev)
         xs_cl, hs_cl = xs.contiguous(memory_format=cl), hs.contiguous(memory_format=cl)
@@ -245,10 +291,24 @@ def main() -> None:
                                         "diffusers channels-last compiled": (xs_cl, hs_cl)}.items():
                     cands[label] = _compiled(label, [_DiffusersStep(d_unet, d_cn).eval()],
                                              lambda c, xi=xi, hi=hi: c(xi, t, cs, hi), options={"freezing": True})
+        if have_ov:
+            cache = args.openvino_cache / "ctrlnet"
+            label = "ours (OpenVINO backend)"
+            for attempt in ("first load", "second load"):
+                ou = oc = wrappers = ov_call = None  # the first load's copies and graphs go first
+                gc.collect()
+                ou, oc, wrappers, wrap_s = _backend_load(unet, cn, cache, label)
+
+                def ov_call(ou=ou, oc=oc):
+                    return ou(xs_cl, t, cs, control=oc(xs_cl, None, t, cs, guided_hint=guided))
+
+                _first_call(f"{label}, {attempt}", ov_call, wrappers, wrap_s)
+            cands[label] = torch.inference_mode()(ov_call)
         if ir:
             t0 = time.perf_counter()
             run, ov_version = _openvino_step(ir, (x, ts, ctx, hint), dt)
-            print(f"  openvino {ov_version}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  openvino {ov_version}: compiled in {time.perf_counter() - t0:.0f} s; process memory now: "
+                  f"{_memory()}", flush=True)
             cands["openvino"] = run
 
         ref = ours().float()
@@ -276,7 +336,7 @@ def main() -> None:
         if best:
             print(f"  best peer: {best}; ours / best peer speed-up: {peers[best] / times['ours']:.2f}x "
                   f"(cached hint: {peers[best] / times['ours, cached hint']:.2f}x)", flush=True)
-        cands = step = run = None
+        cands = step = run = ov_call = ou = oc = None
 
 
 if __name__ == "__main__":

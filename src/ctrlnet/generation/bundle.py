@@ -15,7 +15,7 @@ from ctrlnet.models.controlnet import ControlNet
 from ctrlnet.models.text_encoder import build_text_encoder
 from ctrlnet.models.unet import UNetModel
 from ctrlnet.models.vae import AutoencoderKL
-from ctrlnet.runtime.compile import compile_step, resolve_compile
+from ctrlnet.runtime.compile import check_backend, compile_step, resolve_compile
 from ctrlnet.runtime.device import resolve_device, resolve_dtype, use_channels_last, vae_dtype
 from ctrlnet.sampling.schedule import DiscreteSchedule
 
@@ -138,7 +138,7 @@ def _load_base_spec(spec: str | None, dtype: torch.dtype, parameterization: str 
 def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, str] = (), device="auto",
                 dtype="auto", low_vram: bool = False, parameterization: str | None = None,
                 channels_last: bool | None = None, vae: str | None = None,
-                embeddings: Sequence[str] = (), lora_dirs: Sequence[str] = (), compile: bool | None = None) -> Models:
+                embeddings: Sequence[str] = (), lora_dirs: Sequence[str] = (), compile: bool | str | None = None) -> Models:
     """Load a base model and ControlNets by path (or ``"demo"``, ``"random:<preset>"``).
 
     ``base=None`` is the embedded demo model, with its ControlNet when ``controlnets`` is empty.
@@ -148,10 +148,14 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     ``lora_dirs``: folders where LoRAs are found by name (``<lora:NAME:W>`` in a prompt).
     ``low_vram`` keeps weights on the CPU and moves one stage at a time to the accelerator.
     ``channels_last`` (default: on for CPU and CUDA) stores the UNet and ControlNets channels-last.
-    ``compile`` (default: ``$CTRLNET_COMPILE``, off) compiles the UNet and ControlNets with
-    ``torch.compile`` (:mod:`ctrlnet.runtime.compile`: minutes per new image size on a CPU, the
-    same images within bf16/fp32 rounding); ValueError with ``low_vram``, whose moves between
-    devices would defeat it.
+    ``compile`` (default: ``$CTRLNET_COMPILE``, off) compiles the UNet and ControlNets:
+    ``True`` or ``"inductor"`` with ``torch.compile`` (minutes per new image size on a CPU),
+    ``"openvino"`` with OpenVINO on the CPU (minutes for the first call of each call structure,
+    then cached on disk; :mod:`ctrlnet.runtime.openvino`); the same images within bf16/fp32
+    rounding (:mod:`ctrlnet.runtime.compile`). Raised before anything loads: ValueError with
+    ``low_vram``, whose moves between devices would defeat it, or for an unknown backend;
+    :class:`~ctrlnet.runtime.openvino.OpenVINOError` (a ValueError) for openvino without the
+    package or off the CPU.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -159,6 +163,7 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
     if compiled and low_vram:
         raise ValueError("compile and low_vram do not go together: low_vram moves the compiled modules "
                          "between devices for every stage; choose one")
+    check_backend(compiled, dev)
     # Weights are made in their final dtype and layout as they are read, never first in fp32 (a
     # full-size fp16 file would otherwise peak at the fp32 models plus the casts).
     fmt = torch.channels_last if use_channels_last(dev, channels_last) else None
@@ -211,7 +216,7 @@ def load_models(base: str | None = None, controlnets: Sequence[str] | dict[str, 
             m.to(memory_format=fmt)
     place_vae(models, models.base.vae)
     if compiled:
-        compile_step([models.base.unet, *models.controlnets.values()])
+        compile_step([models.base.unet, *models.controlnets.values()], compiled)
     return models
 
 

@@ -187,7 +187,7 @@ def _cmd_batch(args) -> int:
         loaded = None
         if mine:
             loaded = load_named(args.base, name_controlnets(args.controlnet), device, args.dtype, args.low_vram,
-                                args.parameterization, vae=args.vae, **extra)
+                                args.parameterization, vae=args.vae, compile=args.compile, **extra)
         show = not args.no_progress and (state is None or state.is_local_main_process)
         with tqdm(total=len(mine), desc="batch" if world == 1 else f"batch (process {rank} of {world})",
                   unit="image", disable=not show) as bar:
