@@ -393,6 +393,9 @@ def test_hires_fix_upscales_and_refits_every_unit(models, upscaler):
 
     text = res.parameters_text()
     assert "Size: 64x64" in text and "Hires upscale: 2.0" in text
+    # a unit that named no ControlNet is recorded with the one it used (the first loaded), not "default"
+    assert req.controls[0].model is None and res.request.controls[0].model == next(iter(models.controlnets))
+    assert f"Model: {next(iter(models.controlnets))}, Weight" in text
     fields, _ = parse_parameters(text)
     assert (fields["width"], fields["height"], fields["hires_scale"]) == (64, 64, 2.0)
 

@@ -151,6 +151,8 @@ def make_plan(models: Models, request: GenerationRequest, allow_paths: bool = Tr
             known = ", ".join(models.controlnets) or "none loaded"
             raise ValueError(f"controls[{i}] asks for ControlNet {name!r}; loaded: {known}")
         unit_nets.append(name)
+    # the request names the ControlNet each unit really used, so records (infotext, JSON) say it
+    req.controls = [c if c.model == n else replace(c, model=n) for c, n in zip(req.controls, unit_nets)]
 
     init, size, out_size, hires, box, legacy = plan_sizes(req, models.base.vae.downscale)
     if init is not None:
