@@ -336,6 +336,9 @@ def main() -> None:
         if best:
             print(f"  best peer: {best}; ours / best peer speed-up: {peers[best] / times['ours']:.2f}x "
                   f"(cached hint: {peers[best] / times['ours, cached hint']:.2f}x)", flush=True)
+            fastest = min((k for k in times if k.startswith("ours")), key=times.get)
+            print(f"  fastest of ours: {fastest}; its speed-up over the best peer: {peers[best] / times[fastest]:.2f}x",
+                  flush=True)
         cands = step = run = ov_call = ou = oc = None
 
 
