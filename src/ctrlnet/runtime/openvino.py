@@ -37,6 +37,10 @@ in-place edit) the changed tensors are hashed again, and while they differ from 
 weights the module runs in PyTorch (eager), with a logged warning, never with stale weights. When
 they are back (``apply_loras`` restores them bit for bit on exit) OpenVINO is used again.
 Calls with autograd enabled, or with inputs off the CPU, also run eager.
+
+A process that has run OpenVINO should not fork afterwards (``multiprocessing`` with the "fork"
+start method, data loader workers): OpenVINO's worker threads do not survive it, and such a process
+was seen to end in a segmentation fault at exit. No ctrlnet command does both.
 """
 
 from __future__ import annotations
