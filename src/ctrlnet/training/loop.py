@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ctrlnet.sampling.schedule import DiscreteSchedule
 from ctrlnet.training import state as st
-from ctrlnet.training.data import DataError, collate, dataset_record, worker_message
+from ctrlnet.training.data import DataError, collate, worker_message
 from ctrlnet.training.logger import RunLogger, plot_loss
 from ctrlnet.training.models import (
     Mode,
@@ -35,8 +35,7 @@ from ctrlnet.training.models import (
     set_gradient_checkpointing,
 )
 from ctrlnet.training.previews import write_preview
-from ctrlnet.training.resume_settings import ResumeRefused, frozen_fingerprint
-from ctrlnet.training.run_start import RunStart, plan_run
+from ctrlnet.training.run_start import RunStart, plan_run, run_inputs
 
 
 @dataclass
@@ -232,31 +231,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _check_model_config(start: RunStart, models: TrainModels) -> None:
-    """Refuse to resume a checkpoint of other models (another base, another preset)."""
-    recorded = start.state.get("model_config")
-    if not recorded:
-        return
-    now = asdict(models.config)
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            elif k != "name" or prefix:
-                out[prefix + k] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    a, b = flat(recorded), flat(now)
-    diff = [f"{k} is {b.get(k)!r} but the checkpoint's is {a.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]
-    if diff:
-        raise ResumeRefused(f"cannot resume from {start.checkpoint}: the models differ from the ones it was "
-                            f"trained with ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
-                            "build them from the same files as the first run")
-
-
 def _apply_schedule_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
     """After loading the optimizer and scheduler states (which carry the checkpoint's lr, weight
     decay and base rates): set this run's, and recompute the rate of the next step from this
@@ -291,8 +265,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
         start = plan_run(run_dir, cfg, resume, overwrite)
     elif start.run_dir != run_dir:
         raise ValueError(f"the start was planned for {start.run_dir}, not {run_dir}")
-    if start.state is not None:
-        _check_model_config(start, models)
+    start.check_models(models)
     if accelerator is None:
         _release_precision(cfg.mixed_precision)
         accelerator = Accelerator(
@@ -307,12 +280,8 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                                  cfg.train_encoder)
     if not trainable:
         raise ValueError("nothing to train")
-    # what the run learns from and against: a resume with other data or another base is refused
-    trained = {id(p) for p in trainable.values()}
-    run_inputs = dict(dataset_record(dataset) or {})
-    run_inputs["frozen_weights"] = frozen_fingerprint(
-        (f"{k}.{n}", p) for k, m in models.modules().items() for n, p in m.named_parameters() if id(p) not in trained)
-    start.check_inputs(run_inputs)
+    inputs_record = run_inputs(dataset, models, trainable)
+    start.check_inputs(inputs_record)  # a resume with other data or another base is refused
     for m in models.modules().values():
         m.to(device)
         m.train() if any(p.requires_grad for p in m.parameters()) else m.eval()
@@ -389,7 +358,7 @@ def train(models: TrainModels, dataset, cfg: TrainConfig, run_dir, resume: bool 
                 "ema": ema.state_dict() if ema is not None else None,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": st.rng_state(), "micro_batches": micro_seen,
-                "train_config": asdict(cfg), "model_config": asdict(models.config), "inputs": run_inputs,
+                "train_config": asdict(cfg), "model_config": asdict(models.config), "inputs": inputs_record,
             }
             path = st.save_checkpoint(ckpt_dir, step_now, state, cfg.keep_last, cfg.keep_every)
             plot_loss(logger.csv_path, run_dir / "loss.png", f"{cfg.mode} training loss")

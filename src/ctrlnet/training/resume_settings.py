@@ -10,7 +10,6 @@ This module imports nothing heavy: the command line's ``--help`` reads it.
 
 from __future__ import annotations
 
-import hashlib
 import textwrap
 from dataclasses import asdict, is_dataclass
 
@@ -89,19 +88,6 @@ def resume_setting_changes(recorded: dict | None, cfg) -> tuple[list[str], list[
         else:
             applied.append(f"{k}: {now[k]!r} (the checkpoint's was {recorded[k]!r}), applied")
     return applied, refused
-
-
-def frozen_fingerprint(named_tensors) -> str:
-    """A SHA-256 over the frozen weights' names, shapes and first and last 256 values (as fp32):
-    enough to tell two trained models apart (their weights differ everywhere) without reading
-    gigabytes. ``named_tensors``: (name, tensor) pairs, in any order."""
-    h = hashlib.sha256()
-    for name, t in sorted(named_tensors, key=lambda nt: nt[0]):
-        flat = t.detach().reshape(-1)
-        ends = flat[:256] if flat.numel() <= 512 else flat[[*range(256), *range(flat.numel() - 256, flat.numel())]]
-        h.update(f"{name}:{tuple(t.shape)}:".encode())
-        h.update(ends.float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def resume_input_changes(recorded: dict | None, now: dict) -> list[str]:

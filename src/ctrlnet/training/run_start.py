@@ -9,11 +9,13 @@ rules are :mod:`ctrlnet.training.run_folder`'s; the checkpoint files are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ctrlnet.training import state as st
+from ctrlnet.training.data import dataset_record
 from ctrlnet.training.logger import read_loss_csv
 from ctrlnet.training.resume_settings import ResumeRefused, resume_input_changes, resume_setting_changes
 from ctrlnet.training.run_folder import OutputClaim, OutputInUse, check_output, is_inside, set_aside
@@ -68,6 +70,31 @@ class RunStart:
             notes.append(f"set aside {path.name} as {dest.name}: it is newer than {self.checkpoint.name}, "
                          "which this run continues")
         return notes + self.notes
+
+    def check_models(self, models) -> None:
+        """Raise :class:`ResumeRefused` when the checkpoint resumed from was trained with other
+        models (another base layout, another preset: its recorded ``model_config``), naming up to
+        four differences; nothing for a fresh run or a checkpoint without that record."""
+        recorded = self.state.get("model_config") if self.state is not None else None
+        if not recorded:
+            return
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    out.update(flat(v, f"{prefix}{k}."))
+                elif k != "name" or prefix:
+                    out[prefix + k] = list(v) if isinstance(v, tuple) else v
+            return out
+
+        a, b = flat(recorded), flat(asdict(models.config))
+        diff = [f"{k} is {b.get(k)!r} but the checkpoint's is {a.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+        if diff:
+            raise ResumeRefused(f"cannot resume from {self.checkpoint}: the models differ from the ones it was "
+                                f"trained with ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
+                                "build them from the same files as the first run")
 
     def check_inputs(self, now: dict) -> None:
         """Raise :class:`ResumeRefused` when the run resumes a checkpoint whose recorded inputs
@@ -153,3 +180,27 @@ def plan_run(run_dir, cfg: TrainConfig, resume: bool | str | Path = False, overw
                                 "(--overwrite, or another --out)")
         start.notes += applied
     return start
+
+
+def run_inputs(dataset, models, trainable: dict) -> dict:
+    """What a checkpoint records of the run's inputs (``state["inputs"]``, compared on resume by
+    :meth:`RunStart.check_inputs`): the data set's record (:func:`~ctrlnet.training.data.dataset_record`)
+    and ``frozen_weights``, the fingerprint of every parameter of ``models`` not in ``trainable``."""
+    trained = {id(p) for p in trainable.values()}
+    inputs = dict(dataset_record(dataset) or {})
+    inputs["frozen_weights"] = frozen_fingerprint(
+        (f"{k}.{n}", p) for k, m in models.modules().items() for n, p in m.named_parameters() if id(p) not in trained)
+    return inputs
+
+
+def frozen_fingerprint(named_tensors) -> str:
+    """A SHA-256 over the frozen weights' names, shapes and first and last 256 values (as fp32):
+    enough to tell two trained models apart (their weights differ everywhere) without reading
+    gigabytes. ``named_tensors``: (name, tensor) pairs, in any order."""
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda nt: nt[0]):
+        flat = t.detach().reshape(-1)
+        ends = flat[:256] if flat.numel() <= 512 else flat[[*range(256), *range(flat.numel() - 256, flat.numel())]]
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(ends.float().cpu().numpy().tobytes())
+    return h.hexdigest()
